@@ -1,0 +1,268 @@
+//! Wiring: picks the store from config, builds the services, and serves them with health and
+//! reflection. [`serve`] takes a bound listener and a shutdown future so tests can run the real
+//! server on `127.0.0.1:0` and own its lifetime; [`run`] is what the binary calls.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::config::ServeArgs;
+use crate::domain::{KeyHasher, Pepper, PlanTable};
+use crate::grpc::KeyGrpc;
+use crate::grpc::pb::key_service_server::KeyServiceServer;
+use crate::service::clock::{Clock, SystemClock};
+use crate::service::{KeyService, Settings};
+use crate::store::Store;
+use crate::store::memory::MemoryStore;
+use crate::store::redis::{RedisConfig, RedisStore};
+
+/// Health service names reported besides the overall "" entry.
+pub const HEALTH_SERVICES: [&str; 1] = ["sendable.keys.v1.KeyService"];
+
+/// How the gRPC server behaves (the parts of config that are not the store).
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub max_message_bytes: usize,
+    pub health_interval: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            max_message_bytes: 512 * 1024,
+            health_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Startup failures, with messages meant for the operator reading the log.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    for name in HEALTH_SERVICES {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Keeps the health service truthful: SERVING only while the store answers a ping, until
+/// `stop` flips, then NOT_SERVING for good.
+async fn watch_health<S: Store>(
+    store: Arc<S>,
+    reporter: HealthReporter,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<bool> = None;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let up = store.ping().await;
+                let healthy = up.is_ok();
+                if last != Some(healthy) {
+                    match &up {
+                        Ok(()) => tracing::info!("store reachable: serving"),
+                        Err(err) => tracing::warn!(error = %err, "store unreachable: not serving"),
+                    }
+                    set_health(&reporter, if healthy { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
+                    last = Some(healthy);
+                }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    set_health(&reporter, ServingStatus::NotServing).await;
+}
+
+/// Serves the KeyService, health and reflection on `listener` until `shutdown` completes.
+pub async fn serve<S: Store>(
+    keys: Arc<KeyService<S>>,
+    listener: TcpListener,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AppError> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    set_health(&reporter, ServingStatus::NotServing).await;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let health_task = tokio::spawn(watch_health(
+        keys.store().clone(),
+        reporter,
+        options.health_interval,
+        stop_rx,
+    ));
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::grpc::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| AppError::Config(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::grpc::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| AppError::Config(format!("reflection: {e}")))?;
+
+    let key_service = KeyServiceServer::new(KeyGrpc::new(keys))
+        .max_decoding_message_size(options.max_message_bytes);
+
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let shutdown = async move {
+        shutdown.await;
+        // Readiness goes first, so load balancers stop sending before connections close.
+        let _ = stop_tx.send(true);
+    };
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(key_service)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    let _ = health_task.await;
+    result.map_err(AppError::from)
+}
+
+/// Reads the pepper from the flag/env or the file.
+fn load_pepper(args: &ServeArgs) -> Result<Option<Pepper>, AppError> {
+    let bytes = match (&args.pepper, &args.pepper_file) {
+        (Some(p), _) => p.as_bytes().to_vec(),
+        (None, Some(path)) => {
+            let mut bytes = std::fs::read(path).map_err(|e| {
+                AppError::Config(format!(
+                    "cannot read the pepper file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                bytes.pop();
+            }
+            bytes
+        }
+        (None, None) => return Ok(None),
+    };
+    Pepper::new(bytes).map(Some).map_err(AppError::Config)
+}
+
+fn load_plans(args: &ServeArgs) -> Result<PlanTable, AppError> {
+    match &args.plans_file {
+        None => Ok(PlanTable::default()),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                AppError::Config(format!(
+                    "cannot read the plans file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            PlanTable::from_toml(&text)
+                .map_err(|e| AppError::Config(format!("plans file {}: {e}", path.display())))
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("interrupt received: shutting down"),
+        _ = term => tracing::info!("SIGTERM received: shutting down"),
+    }
+}
+
+async fn run_with<S: Store>(
+    store: Arc<S>,
+    hasher: KeyHasher,
+    settings: Settings,
+    args: &ServeArgs,
+) -> Result<(), AppError> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let keys = Arc::new(KeyService::new(store, hasher, settings, clock));
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| AppError::Listen {
+            addr: args.listen,
+            source,
+        })?;
+    tracing::info!(addr = %args.listen, "gRPC listening");
+    let options = ServeOptions {
+        max_message_bytes: args.max_message_bytes as usize,
+        health_interval: args.health_interval,
+    };
+    serve(keys, listener, options, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Runs the server described by `args` until SIGTERM.
+pub async fn run(args: ServeArgs) -> Result<(), AppError> {
+    let plans = load_plans(&args)?;
+    let settings = Settings {
+        plans,
+        audit_retention_days: args.audit_retention_days,
+    };
+    let pepper = load_pepper(&args)?;
+    if args.redis_url.is_empty() {
+        let pepper = pepper.unwrap_or_else(|| {
+            tracing::warn!("no pepper configured: using a random one (fine for the in-memory store, whose keys die with the process)");
+            Pepper::random()
+        });
+        tracing::warn!(
+            "no REDIS_URL: serving from the in-memory store; nothing is persisted and replicas do not share state"
+        );
+        let store = Arc::new(MemoryStore::new());
+        return run_with(store, KeyHasher::new(&pepper), settings, &args).await;
+    }
+    let pepper = pepper.ok_or_else(|| {
+        AppError::Config(
+            "REDIS_URL is set but no pepper is: set SENDABLE_KEYS_PEPPER or SENDABLE_KEYS_PEPPER_FILE \
+             (a random pepper would make every stored key unverifiable after a restart)"
+                .to_owned(),
+        )
+    })?;
+    let redis = RedisConfig {
+        urls: args.redis_url.clone(),
+        cluster: args.redis_cluster,
+        pool_size: usize::from(args.redis_pool_size),
+        prefix: args.redis_prefix.clone(),
+        timeout: args.redis_timeout,
+    };
+    let store = RedisStore::new(&redis).map_err(|e| AppError::Config(e.message))?;
+    if let Err(err) = store.warm_up().await {
+        tracing::warn!(error = %err, "Redis not reachable yet; will keep trying (NOT_SERVING until then)");
+    }
+    tracing::info!(store = %store.describe(), "using Redis");
+    run_with(Arc::new(store), KeyHasher::new(&pepper), settings, &args).await
+}

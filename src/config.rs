@@ -1,0 +1,191 @@
+//! Command line and environment. Every flag has an environment variable, because containers
+//! are configured by environment; secrets (the pepper, Redis URLs that may carry a password)
+//! are never printed: clap's help hides their values and `Debug` redacts them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sendable-keys",
+    version,
+    about = "The API-key control plane of Sendable: issue, verify, revoke and rotate API keys.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Server options (when no subcommand is given, the server runs).
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the gRPC server (the default).
+    Serve(ServeArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// JSON when stdout is not a terminal (containers), human-readable otherwise.
+    Auto,
+    Json,
+    Pretty,
+}
+
+/// Parses `250ms`, `2s`, `5m`, `1h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} needs a unit: ms, s, m or h"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 500ms, 2s, 5m or 1h"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(format!("{text:?} has an unknown unit; use ms, s, m or h")),
+    };
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    /// gRPC listen address.
+    #[arg(long, env = "SENDABLE_KEYS_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Redis: one redis:// or rediss:// URL for a standalone server, or several
+    /// (comma-separated) seed nodes of a Redis Cluster. Unset: the in-memory store.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true, value_delimiter = ',')]
+    pub redis_url: Vec<String>,
+
+    /// Treat a single REDIS_URL as the seed of a Redis Cluster.
+    #[arg(long, env = "SENDABLE_KEYS_REDIS_CLUSTER", default_value_t = false)]
+    pub redis_cluster: bool,
+
+    /// Redis connections kept open (each is multiplexed).
+    #[arg(long, env = "SENDABLE_KEYS_REDIS_POOL_SIZE", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub redis_pool_size: u16,
+
+    /// Prefix of every Redis key name.
+    #[arg(long, env = "SENDABLE_KEYS_REDIS_PREFIX", default_value = "sk")]
+    pub redis_prefix: String,
+
+    /// Upper bound for one Redis operation (and for connecting).
+    #[arg(long, env = "SENDABLE_KEYS_REDIS_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// Server-side secret mixed into every key hash (at least 32 bytes). Required with Redis.
+    #[arg(
+        long,
+        env = "SENDABLE_KEYS_PEPPER",
+        hide_env_values = true,
+        conflicts_with = "pepper_file"
+    )]
+    pub pepper: Option<String>,
+
+    /// File holding the pepper (trailing newline ignored), e.g. a mounted Kubernetes Secret.
+    #[arg(long, env = "SENDABLE_KEYS_PEPPER_FILE")]
+    pub pepper_file: Option<PathBuf>,
+
+    /// TOML file overriding plan limits.
+    #[arg(long, env = "SENDABLE_KEYS_PLANS_FILE")]
+    pub plans_file: Option<PathBuf>,
+
+    /// Days audit events are kept.
+    #[arg(long, env = "SENDABLE_KEYS_AUDIT_RETENTION_DAYS", default_value_t = 365,
+          value_parser = clap::value_parser!(u32).range(1..=3650))]
+    pub audit_retention_days: u32,
+
+    /// Largest request message accepted, in bytes.
+    #[arg(long, env = "SENDABLE_KEYS_MAX_MESSAGE_BYTES", default_value_t = 524_288,
+          value_parser = clap::value_parser!(u32).range(4096..=16_777_216))]
+    pub max_message_bytes: u32,
+
+    /// How often the store is probed for the health service.
+    #[arg(long, env = "SENDABLE_KEYS_HEALTH_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub health_interval: Duration,
+
+    /// Log format.
+    #[arg(long, env = "SENDABLE_KEYS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `sendable_keys=debug,info`.
+    #[arg(long, env = "SENDABLE_KEYS_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl std::fmt::Debug for ServeArgs {
+    /// Secrets and URLs (which may carry a password) are redacted.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeArgs")
+            .field("listen", &self.listen)
+            .field(
+                "redis_url",
+                &format_args!("<{} url(s) redacted>", self.redis_url.len()),
+            )
+            .field("redis_cluster", &self.redis_cluster)
+            .field("redis_pool_size", &self.redis_pool_size)
+            .field("redis_prefix", &self.redis_prefix)
+            .field("redis_timeout", &self.redis_timeout)
+            .field("pepper", &self.pepper.as_ref().map(|_| "<redacted>"))
+            .field("pepper_file", &self.pepper_file)
+            .field("plans_file", &self.plans_file)
+            .field("audit_retention_days", &self.audit_retention_days)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("health_interval", &self.health_interval)
+            .field("log_format", &self.log_format)
+            .field("log", &self.log)
+            .finish()
+    }
+}
+
+impl ServeArgs {
+    /// The options with every default, for tests and embedding.
+    pub fn defaults() -> Self {
+        Cli::parse_from(["sendable-keys"]).serve
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_a_unit() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "5", "s", "5d", "-1s", "99999999999999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn debug_redacts_secrets() {
+        let mut args = ServeArgs::defaults();
+        args.pepper = Some("pepper-that-must-not-leak-0123456789".into());
+        args.redis_url = vec!["redis://:hunter2@redis:6379".into()];
+        let shown = format!("{args:?}");
+        assert!(!shown.contains("must-not-leak"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+
+    #[test]
+    fn several_redis_urls_split_on_commas() {
+        let cli = Cli::parse_from(["sendable-keys", "--redis-url", "redis://a:1,redis://b:2"]);
+        assert_eq!(cli.serve.redis_url, ["redis://a:1", "redis://b:2"]);
+    }
+}

@@ -1,0 +1,394 @@
+//! The embedded store: everything in process memory, nothing persisted.
+//!
+//! It has the same semantics as the Redis store (the conformance suite runs every behaviour on
+//! both), and the same shape: state is split into [`SHARDS`] shards by the shard of the session
+//! id, and a key id always falls in its session's shard (see `domain::shard`). One mutex per
+//! shard therefore guards a session together with all of its keys, so every multi-record rule
+//! (key limit, rotate, the verify check-and-count) is atomic, while unrelated sessions never
+//! contend. Critical sections are short and never await, so `std::sync::Mutex` is right here.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use super::{
+    AuditStore, InsertKey, KeyCursor, KeyStore, NewKey, ReplaceSession, RotateKey, SessionStore,
+    Store, StoreResult, VerifyRequest,
+};
+use crate::domain::audit::parse_event_id;
+use crate::domain::ratelimit::{self, WindowState};
+use crate::domain::shard::SHARDS;
+use crate::domain::{
+    AuditEntry, AuditEvent, Decision, KeyHash, KeyId, KeyRecord, KeyState, KeyStatus, Millis,
+    ROTATED_REASON, SessionId, SessionRecord, VerifyOutcome,
+};
+
+#[derive(Default)]
+struct Shard {
+    sessions: HashMap<SessionId, SessionEntry>,
+    keys: HashMap<KeyId, KeyEntry>,
+}
+
+struct SessionEntry {
+    record: SessionRecord,
+    /// Every key of the session, in listing order.
+    index: BTreeSet<(Millis, KeyId)>,
+}
+
+struct KeyEntry {
+    record: KeyRecord,
+    hash: KeyHash,
+    hash_version: u8,
+    window: WindowState,
+}
+
+/// Most audit events kept per session, whatever the retention: bounds memory.
+const MAX_AUDIT_EVENTS: usize = 100_000;
+
+#[derive(Default)]
+struct AuditLog {
+    /// (ms, seq) of the newest event, so ids stay strictly increasing.
+    last: (u64, u64),
+    events: VecDeque<AuditEvent>,
+}
+
+pub struct MemoryStore {
+    shards: Box<[Mutex<Shard>]>,
+    audit: Mutex<HashMap<SessionId, AuditLog>>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        MemoryStore {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            audit: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn shard(&self, shard: u16) -> MutexGuard<'_, Shard> {
+        // A panic while holding the lock cannot leave a half-applied change behind (every
+        // mutation below completes before anything can fail), so a poisoned lock is safe to use.
+        self.shards[usize::from(shard % SHARDS)]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Shard {
+    /// Keys of `session` counting toward its limit at `now`.
+    fn active_keys(&self, entry: &SessionEntry, now: Millis) -> u32 {
+        entry
+            .index
+            .iter()
+            .filter(|(_, id)| {
+                self.keys
+                    .get(id)
+                    .is_some_and(|k| k.record.counts_toward_limit(now))
+            })
+            .count() as u32
+    }
+
+    fn insert_new(&mut self, key: NewKey<'_>) {
+        self.keys.insert(
+            key.record.id,
+            KeyEntry {
+                record: key.record.clone(),
+                hash: key.hash,
+                hash_version: key.hash_version,
+                window: WindowState::default(),
+            },
+        );
+        if let Some(entry) = self.sessions.get_mut(&key.record.session_id) {
+            entry.index.insert((key.record.create_ms, key.record.id));
+        }
+    }
+}
+
+impl SessionStore for MemoryStore {
+    async fn create_session(&self, session: &SessionRecord) -> StoreResult<bool> {
+        let mut shard = self.shard(session.id.shard());
+        if shard.sessions.contains_key(&session.id) {
+            return Ok(false);
+        }
+        shard.sessions.insert(
+            session.id.clone(),
+            SessionEntry {
+                record: SessionRecord {
+                    active_keys: 0,
+                    ..session.clone()
+                },
+                index: BTreeSet::new(),
+            },
+        );
+        Ok(true)
+    }
+
+    async fn get_session(&self, id: &SessionId, now: Millis) -> StoreResult<Option<SessionRecord>> {
+        let shard = self.shard(id.shard());
+        Ok(shard.sessions.get(id).map(|entry| SessionRecord {
+            active_keys: shard.active_keys(entry, now),
+            ..entry.record.clone()
+        }))
+    }
+
+    async fn replace_session(
+        &self,
+        session: &SessionRecord,
+        expected_version: u64,
+    ) -> StoreResult<ReplaceSession> {
+        let mut shard = self.shard(session.id.shard());
+        let Some(entry) = shard.sessions.get_mut(&session.id) else {
+            return Ok(ReplaceSession::NotFound);
+        };
+        if entry.record.version != expected_version {
+            return Ok(ReplaceSession::VersionConflict);
+        }
+        entry.record = SessionRecord {
+            active_keys: 0,
+            ..session.clone()
+        };
+        Ok(ReplaceSession::Replaced)
+    }
+}
+
+impl KeyStore for MemoryStore {
+    async fn insert_key(
+        &self,
+        key: NewKey<'_>,
+        plan_max_keys: [u32; 4],
+        now: Millis,
+    ) -> StoreResult<InsertKey> {
+        let mut shard = self.shard(key.record.id.shard());
+        if shard.keys.contains_key(&key.record.id) {
+            return Ok(InsertKey::KeyIdTaken);
+        }
+        let Some(entry) = shard.sessions.get(&key.record.session_id) else {
+            return Ok(InsertKey::SessionNotFound);
+        };
+        let session = &entry.record;
+        let max_keys = session
+            .custom_max_keys
+            .unwrap_or(plan_max_keys[usize::from(session.plan.code() - 1)]);
+        let active = shard.active_keys(entry, now);
+        if max_keys > 0 && active >= max_keys {
+            return Ok(InsertKey::LimitReached {
+                max_keys,
+                plan: session.plan,
+            });
+        }
+        shard.insert_new(key);
+        Ok(InsertKey::Created {
+            active_keys: active + 1,
+        })
+    }
+
+    async fn get_key(&self, id: &KeyId) -> StoreResult<Option<KeyRecord>> {
+        Ok(self
+            .shard(id.shard())
+            .keys
+            .get(id)
+            .map(|k| k.record.clone()))
+    }
+
+    async fn list_keys(
+        &self,
+        session: &SessionId,
+        after: Option<KeyCursor>,
+        limit: usize,
+    ) -> StoreResult<Vec<KeyRecord>> {
+        let shard = self.shard(session.shard());
+        let Some(entry) = shard.sessions.get(session) else {
+            return Ok(Vec::new());
+        };
+        let start = after.map(|c| (c.create_ms, c.key_id));
+        Ok(entry
+            .index
+            .iter()
+            .filter(|pos| start.is_none_or(|s| **pos > s))
+            .take(limit)
+            .filter_map(|(_, id)| shard.keys.get(id).map(|k| k.record.clone()))
+            .collect())
+    }
+
+    async fn revoke_key(
+        &self,
+        id: &KeyId,
+        session: &SessionId,
+        reason: &str,
+        now: Millis,
+    ) -> StoreResult<Option<KeyRecord>> {
+        let mut shard = self.shard(id.shard());
+        let Some(key) = shard.keys.get_mut(id) else {
+            return Ok(None);
+        };
+        if key.record.session_id != *session {
+            return Ok(None);
+        }
+        if key.record.state == KeyState::Active {
+            key.record.state = KeyState::Revoked;
+            key.record.revoke_ms = Some(now);
+            key.record.revoke_reason = reason.to_owned();
+        }
+        Ok(Some(key.record.clone()))
+    }
+
+    async fn rotate_key(
+        &self,
+        old: &KeyId,
+        new: NewKey<'_>,
+        old_expires_at: Option<Millis>,
+        now: Millis,
+    ) -> StoreResult<RotateKey> {
+        let mut shard = self.shard(old.shard());
+        let Some(current) = shard.keys.get(old) else {
+            return Ok(RotateKey::NotFound);
+        };
+        if current.record.session_id != new.record.session_id {
+            return Ok(RotateKey::NotFound);
+        }
+        if current.record.status_at(now) != KeyStatus::Active {
+            return Ok(RotateKey::NotActive);
+        }
+        if current.record.replaced_by.is_some() {
+            return Ok(RotateKey::AlreadyRotated);
+        }
+        if shard.keys.contains_key(&new.record.id) {
+            return Ok(RotateKey::KeyIdTaken);
+        }
+        shard.insert_new(new);
+        let Some(old_entry) = shard.keys.get_mut(old) else {
+            return Ok(RotateKey::NotFound);
+        };
+        let record = &mut old_entry.record;
+        record.replaced_by = Some(new.record.id);
+        match old_expires_at {
+            None => {
+                record.state = KeyState::Revoked;
+                record.revoke_ms = Some(now);
+                record.revoke_reason = ROTATED_REASON.to_owned();
+            }
+            Some(at) => record.expire_ms = Some(record.expire_ms.map_or(at, |x| x.min(at))),
+        }
+        Ok(RotateKey::Rotated {
+            old: record.clone(),
+            new: new.record.clone(),
+        })
+    }
+
+    async fn verify(&self, request: &VerifyRequest) -> StoreResult<VerifyOutcome> {
+        let mut guard = self.shard(request.key_id.shard());
+        let shard = &mut *guard;
+        let not_found = Ok(VerifyOutcome::unattributed(Decision::NotFound, None));
+        let Some(key) = shard.keys.get_mut(&request.key_id) else {
+            return not_found;
+        };
+        if key.hash_version != request.hash_version || !key.hash.matches(&request.hash) {
+            return not_found;
+        }
+        let Some(session) = shard.sessions.get(&key.record.session_id) else {
+            return not_found;
+        };
+        let session = &session.record;
+        let now = request.now;
+        key.record.last_used_ms = Some(now);
+        let decision = match key.record.status_at(now) {
+            KeyStatus::Revoked => Some(Decision::Revoked),
+            KeyStatus::Expired => Some(Decision::Expired),
+            KeyStatus::Active if !session.enabled => Some(Decision::SessionDisabled),
+            KeyStatus::Active
+                if request
+                    .expected_environment
+                    .is_some_and(|env| env != key.record.environment) =>
+            {
+                Some(Decision::EnvironmentMismatch)
+            }
+            KeyStatus::Active => None,
+        };
+        let mut outcome = VerifyOutcome {
+            decision: decision.unwrap_or(Decision::Valid),
+            key_id: None,
+            session_id: Some(key.record.session_id.clone()),
+            environment: Some(key.record.environment),
+            plan: Some(session.plan),
+            rate_limit: None,
+        };
+        if decision.is_some() {
+            return Ok(outcome);
+        }
+        let limit = session
+            .custom_rate_limit
+            .unwrap_or(request.plan_rate_limits[usize::from(session.plan.code() - 1)]);
+        let admission = ratelimit::admit(key.window, now, limit, request.cost);
+        key.window = admission.state;
+        outcome.decision = if admission.allowed {
+            Decision::Valid
+        } else {
+            Decision::RateLimited
+        };
+        outcome.rate_limit = Some(admission.rate);
+        Ok(outcome)
+    }
+}
+
+impl AuditStore for MemoryStore {
+    async fn append_audit(&self, entry: &AuditEntry, retention_ms: Millis) -> StoreResult<String> {
+        let mut all = self.audit.lock().unwrap_or_else(PoisonError::into_inner);
+        let log = all.entry(entry.session_id.clone()).or_default();
+        let ms = u64::try_from(entry.time_ms).unwrap_or(0);
+        log.last = if ms > log.last.0 {
+            (ms, 0)
+        } else {
+            (log.last.0, log.last.1 + 1)
+        };
+        let id = format!("{}-{}", log.last.0, log.last.1);
+        log.events.push_back(AuditEvent {
+            id: id.clone(),
+            entry: entry.clone(),
+        });
+        let oldest_kept = entry.time_ms - retention_ms;
+        while log
+            .events
+            .front()
+            .is_some_and(|e| e.entry.time_ms < oldest_kept)
+            || log.events.len() > MAX_AUDIT_EVENTS
+        {
+            log.events.pop_front();
+        }
+        Ok(id)
+    }
+
+    async fn list_audit(
+        &self,
+        session: &SessionId,
+        before: Option<(u64, u64)>,
+        limit: usize,
+    ) -> StoreResult<Vec<AuditEvent>> {
+        let all = self.audit.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(log) = all.get(session) else {
+            return Ok(Vec::new());
+        };
+        Ok(log
+            .events
+            .iter()
+            .rev()
+            .filter(|e| before.is_none_or(|b| parse_event_id(&e.id).is_some_and(|id| id < b)))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+}
+
+impl Store for MemoryStore {
+    async fn ping(&self) -> StoreResult<()> {
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "in-memory (nothing is persisted)".to_owned()
+    }
+}

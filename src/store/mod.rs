@@ -1,0 +1,219 @@
+//! Storage ports: what the services need from storage, as traits, plus the two adapters.
+//!
+//! - [`memory::MemoryStore`]: the embedded store, used when no Redis is configured and as the
+//!   reference every conformance test compares against. Same semantics, not a toy.
+//! - [`redis::RedisStore`]: Redis standalone or Redis Cluster through deadpool-redis.
+//!
+//! Every operation that must be atomic (the key limit on create, revoke, rotate, the VerifyKey
+//! check-and-count) is one call here, so each adapter can make it atomic its own way (one
+//! mutex-guarded shard in memory, one Lua script on one hash slot in Redis). The caller passes
+//! `now` in, so tests can drive every time-dependent rule with a manual clock.
+
+use std::future::Future;
+
+use crate::domain::{
+    AuditEntry, AuditEvent, Environment, KeyHash, KeyId, KeyRecord, Millis, Plan, SessionId,
+    SessionRecord, VerifyOutcome,
+};
+
+pub mod memory;
+pub mod redis;
+
+/// A storage failure. `transient` failures (timeouts, refused or dropped connections, a
+/// cluster in reconfiguration) are worth retrying and become UNAVAILABLE; anything else is a
+/// bug or corrupt data and becomes INTERNAL. The message never contains key material.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct StoreError {
+    pub transient: bool,
+    pub message: String,
+}
+
+impl StoreError {
+    pub fn transient(message: impl Into<String>) -> Self {
+        StoreError {
+            transient: true,
+            message: message.into(),
+        }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> Self {
+        StoreError {
+            transient: false,
+            message: message.into(),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Result of [`KeyStore::insert_key`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InsertKey {
+    /// Stored; the session now has this many keys counting toward its limit.
+    Created {
+        active_keys: u32,
+    },
+    /// The key id is taken (draw another one and retry).
+    KeyIdTaken,
+    SessionNotFound,
+    LimitReached {
+        max_keys: u32,
+        plan: Plan,
+    },
+}
+
+/// Result of [`KeyStore::rotate_key`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RotateKey {
+    Rotated {
+        old: KeyRecord,
+        new: KeyRecord,
+    },
+    NotFound,
+    /// The old key is revoked or expired.
+    NotActive,
+    /// The old key was rotated before; rotate its replacement instead.
+    AlreadyRotated,
+    /// The new key id is taken (draw another one and retry).
+    KeyIdTaken,
+}
+
+/// Result of [`SessionStore::replace_session`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplaceSession {
+    Replaced,
+    NotFound,
+    /// Someone else updated the session first; re-read and try again.
+    VersionConflict,
+}
+
+/// Where a key listing resumes: after this (create time, key id).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyCursor {
+    pub create_ms: Millis,
+    pub key_id: KeyId,
+}
+
+/// Everything the VerifyKey check needs besides the key record.
+#[derive(Clone, Copy, Debug)]
+pub struct VerifyRequest {
+    pub key_id: KeyId,
+    pub hash: KeyHash,
+    pub hash_version: u8,
+    pub expected_environment: Option<Environment>,
+    pub cost: u32,
+    pub now: Millis,
+    /// Per-plan default rate limits (plan-code order, 0 = none), from the live plan table.
+    pub plan_rate_limits: [u32; 4],
+}
+
+/// A key to insert, with its hash.
+#[derive(Clone, Copy, Debug)]
+pub struct NewKey<'a> {
+    pub record: &'a KeyRecord,
+    pub hash: KeyHash,
+    pub hash_version: u8,
+}
+
+pub trait SessionStore: Send + Sync + 'static {
+    /// Stores a new session; `Ok(false)` if the id is taken.
+    fn create_session(
+        &self,
+        session: &SessionRecord,
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
+
+    /// The session with `active_keys` counted at `now`.
+    fn get_session(
+        &self,
+        id: &SessionId,
+        now: Millis,
+    ) -> impl Future<Output = StoreResult<Option<SessionRecord>>> + Send;
+
+    /// Replaces the session if its stored version is still `expected_version`.
+    fn replace_session(
+        &self,
+        session: &SessionRecord,
+        expected_version: u64,
+    ) -> impl Future<Output = StoreResult<ReplaceSession>> + Send;
+}
+
+pub trait KeyStore: Send + Sync + 'static {
+    /// Stores a key if its session exists and, counting only keys that are active at `now` and
+    /// not rotated out, is below its key limit (custom value, else `plan_max_keys` by plan
+    /// code; 0 = unlimited). Atomic with respect to concurrent inserts.
+    fn insert_key(
+        &self,
+        key: NewKey<'_>,
+        plan_max_keys: [u32; 4],
+        now: Millis,
+    ) -> impl Future<Output = StoreResult<InsertKey>> + Send;
+
+    fn get_key(&self, id: &KeyId) -> impl Future<Output = StoreResult<Option<KeyRecord>>> + Send;
+
+    /// Up to `limit` keys of the session in (create time, key id) order, after `after`.
+    fn list_keys(
+        &self,
+        session: &SessionId,
+        after: Option<KeyCursor>,
+        limit: usize,
+    ) -> impl Future<Output = StoreResult<Vec<KeyRecord>>> + Send;
+
+    /// Revokes an active key (a revoked key is returned unchanged). `None` if no such key in
+    /// that session.
+    fn revoke_key(
+        &self,
+        id: &KeyId,
+        session: &SessionId,
+        reason: &str,
+        now: Millis,
+    ) -> impl Future<Output = StoreResult<Option<KeyRecord>>> + Send;
+
+    /// Atomically: stores `new` and marks `old` as replaced by it; the old key then expires at
+    /// `old_expires_at` (or earlier if it already had an earlier expiry), or is revoked now
+    /// when that is `None`. `new` takes over `old`'s place in the key limit.
+    fn rotate_key(
+        &self,
+        old: &KeyId,
+        new: NewKey<'_>,
+        old_expires_at: Option<Millis>,
+        now: Millis,
+    ) -> impl Future<Output = StoreResult<RotateKey>> + Send;
+
+    /// The VerifyKey check, atomically: find the key, compare the hash, check status, expiry,
+    /// session and environment, apply the sliding-window limit and record last-used.
+    /// `key_id` in the outcome is left for the caller to fill.
+    fn verify(
+        &self,
+        request: &VerifyRequest,
+    ) -> impl Future<Output = StoreResult<VerifyOutcome>> + Send;
+}
+
+pub trait AuditStore: Send + Sync + 'static {
+    /// Appends an entry to its session's log and drops entries older than `retention_ms`;
+    /// returns the new event's id.
+    fn append_audit(
+        &self,
+        entry: &AuditEntry,
+        retention_ms: Millis,
+    ) -> impl Future<Output = StoreResult<String>> + Send;
+
+    /// Up to `limit` events of the session, newest first, strictly older than `before`
+    /// (an event id's (ms, seq) pair).
+    fn list_audit(
+        &self,
+        session: &SessionId,
+        before: Option<(u64, u64)>,
+        limit: usize,
+    ) -> impl Future<Output = StoreResult<Vec<AuditEvent>>> + Send;
+}
+
+/// Everything the service needs, plus a liveness probe for the health service.
+pub trait Store: SessionStore + KeyStore + AuditStore {
+    /// Cheap round trip proving the store answers.
+    fn ping(&self) -> impl Future<Output = StoreResult<()>> + Send;
+
+    /// A short description for the startup log ("in-memory", "redis standalone", ...); never
+    /// contains credentials.
+    fn describe(&self) -> String;
+}

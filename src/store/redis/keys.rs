@@ -1,0 +1,136 @@
+//! Every Redis key name this service uses, in one place.
+//!
+//! # Layout
+//!
+//! ```text
+//! <prefix>:{<shard>}:sessions          HASH  session id -> packed session (see below)
+//! <prefix>:{<shard>}:k:<key id>        HASH  one API key: hash, status, window counters, ...
+//! <prefix>:{<shard>}:i:<session id>    ZSET  the session's keys, for listing (score 0, member
+//!                                            "<13-digit create ms>:<key id>", so lexical order
+//!                                            is creation order and pages resume by member)
+//! <prefix>:{<shard>}:a:<session id>    ZSET  keys counting toward the key limit (member key id,
+//!                                            score expire ms or +inf)
+//! <prefix>:{<shard>}:audit:<session id> STREAM the session's audit log (trimmed by age, with
+//!                                            a TTL of the retention period)
+//! ```
+//!
+//! `<shard>` is `shard_of(id) = CRC16(id) mod 1024`, in decimal, used as the **hash tag**: Redis
+//! Cluster places a key by the text between `{` and `}`, so everything that carries the same
+//! shard number lives on one hash slot. Key ids are drawn so that a key's shard equals its
+//! session's shard (see `domain::shard`), hence:
+//!
+//! - VerifyKey computes the key record's name *and* its session table's name from the key id
+//!   alone, declares both in KEYS, and runs one script on one slot: key lookup, hash compare,
+//!   status, expiry, session policy, sliding window and last-used in a single round trip;
+//! - create, revoke and rotate touch the key records, the session and its sets in one script,
+//!   which is what makes the key limit exact under concurrency.
+//!
+//! Sessions are fields of a per-shard hash rather than keys of their own so that VerifyKey can
+//! *declare* the session's location in KEYS (the name depends only on the shard), as Redis
+//! Cluster requires, instead of building a key name from data inside the script. The packed
+//! value is `env:plan:enabled:custom_rate_limit:custom_max_keys:create_ms:update_ms:version`
+//! (empty custom fields mean "use the plan's").
+//!
+//! `<prefix>` (default `sk`, `SENDABLE_KEYS_REDIS_PREFIX`) lets several deployments or test
+//! runs share one Redis without seeing each other's data.
+
+use crate::domain::{KeyId, Millis, SessionId};
+
+/// Builds key names under one prefix.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Keys {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The per-shard session table.
+    pub fn sessions(&self, shard: u16) -> String {
+        format!("{}:{{{shard}}}:sessions", self.prefix)
+    }
+
+    /// A key's record.
+    pub fn key(&self, id: &KeyId) -> String {
+        format!("{}:{{{}}}:k:{id}", self.prefix, id.shard())
+    }
+
+    /// A session's key index (every key, for listing).
+    pub fn index(&self, session: &SessionId) -> String {
+        format!("{}:{{{}}}:i:{session}", self.prefix, session.shard())
+    }
+
+    /// A session's keys that count toward its key limit.
+    pub fn active(&self, session: &SessionId) -> String {
+        format!("{}:{{{}}}:a:{session}", self.prefix, session.shard())
+    }
+}
+
+impl Keys {
+    /// A session's audit log.
+    pub fn audit(&self, session: &SessionId) -> String {
+        format!("{}:{{{}}}:audit:{session}", self.prefix, session.shard())
+    }
+}
+
+/// The index member of a key: 13-digit creation time then key id, so that lexical order is
+/// listing order.
+pub fn index_member(create_ms: Millis, id: &KeyId) -> String {
+    format!("{create_ms:013}:{id}")
+}
+
+/// Parses an index member back into (create ms, key id).
+pub fn parse_index_member(member: &str) -> Option<(Millis, KeyId)> {
+    let (ms, id) = member.split_once(':')?;
+    if ms.len() != 13 || !ms.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((ms.parse().ok()?, KeyId::parse(id)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_and_its_session_share_one_hash_tag() {
+        let keys = Keys::new("sk");
+        let session = SessionId::parse("acme-prod").expect("valid");
+        let id = KeyId::generate_in_shard(session.shard(), &mut rand::rng());
+        let tag = |name: &str| {
+            let open = name.find('{').expect("has a tag");
+            let close = name.find('}').expect("has a tag");
+            name[open + 1..close].to_owned()
+        };
+        let expected = session.shard().to_string();
+        for name in [
+            keys.key(&id),
+            keys.sessions(id.shard()),
+            keys.index(&session),
+            keys.active(&session),
+        ] {
+            assert_eq!(tag(&name), expected, "{name}");
+            assert!(name.starts_with("sk:{"), "{name}");
+        }
+    }
+
+    #[test]
+    fn index_members_sort_in_creation_order_and_round_trip() {
+        let a = KeyId::parse("zzzzzzzz").expect("valid");
+        let b = KeyId::parse("00000000").expect("valid");
+        assert!(index_member(999, &a) < index_member(1000, &b));
+        assert_eq!(
+            parse_index_member(&index_member(1_795_737_600_000, &a)),
+            Some((1_795_737_600_000, a))
+        );
+        assert_eq!(parse_index_member("12:abc"), None);
+    }
+}

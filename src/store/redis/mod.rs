@@ -1,0 +1,857 @@
+//! The Redis store: standalone Redis or Redis Cluster, through deadpool-redis.
+//!
+//! # Connections
+//!
+//! deadpool-redis creates, health-checks and replaces connections, and bounds their number.
+//! Its checkout, though, recycles the connection with a `PING` round trip every time, which
+//! would double the cost of VerifyKey. redis-rs connections are multiplexed (many requests in
+//! flight on one socket, answers matched in order) and cheap to clone, so instead of checking a
+//! connection out per call we keep `pool_size` *lanes*, each holding a clone of a connection the
+//! pool created, and spread calls over them round-robin. A lane whose connection fails with an
+//! I/O error is emptied, and the next call on it takes a fresh connection from the pool, whose
+//! recycle check (the PING) weeds out dead ones. Net effect: one round trip per operation, the
+//! pool still owns the connections' life cycle.
+//!
+//! Every operation is bounded by `timeout`; a timeout, refused or dropped connection, or a
+//! cluster in reconfiguration is a *transient* [`StoreError`] (UNAVAILABLE to callers).
+
+pub mod keys;
+pub mod scripts;
+
+use std::future::Future;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use deadpool_redis::{PoolConfig, Runtime, Timeouts};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::{
+    Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, ServerErrorKind, Value,
+};
+
+use self::keys::{Keys, index_member, parse_index_member};
+use super::{
+    AuditStore, InsertKey, KeyCursor, KeyStore, NewKey, ReplaceSession, RotateKey, SessionStore,
+    Store, StoreError, StoreResult, VerifyRequest,
+};
+use crate::domain::{
+    AuditEntry, AuditEvent, Decision, Environment, KeyId, KeyRecord, KeyState, Millis, Plan,
+    ROTATED_REASON, RateLimitState, SessionId, SessionRecord, VerifyOutcome,
+};
+
+/// How to reach Redis.
+#[derive(Clone)]
+pub struct RedisConfig {
+    /// One URL for a standalone server; several (seed nodes) for a cluster.
+    pub urls: Vec<String>,
+    /// Treat a single URL as a cluster seed.
+    pub cluster: bool,
+    /// Connections (lanes) kept open.
+    pub pool_size: usize,
+    /// Key name prefix.
+    pub prefix: String,
+    /// Upper bound for any single operation, and for establishing a connection.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    /// URLs may carry a password; show only how many there are.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("urls", &format_args!("<{} redacted>", self.urls.len()))
+            .field("cluster", &self.cluster)
+            .field("pool_size", &self.pool_size)
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+enum Pool {
+    Standalone(deadpool_redis::Pool),
+    Cluster(deadpool_redis::cluster::Pool),
+}
+
+/// A connection taken from the pool; clones share the underlying multiplexed socket(s).
+#[derive(Clone)]
+enum Conn {
+    Standalone(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Standalone(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Standalone(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+pub struct RedisStore {
+    pool: Pool,
+    lanes: Box<[Mutex<Option<Conn>>]>,
+    next_lane: AtomicUsize,
+    keys: Keys,
+    timeout: Duration,
+}
+
+/// Maps a redis-rs error to a [`StoreError`], deciding whether it is worth retrying. The
+/// message is redis-rs's, which names the failure but never the command's arguments.
+fn store_error(err: &RedisError) -> StoreError {
+    let transient = err.is_io_error()
+        || err.is_timeout()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_cluster_error()
+        || matches!(
+            err.kind(),
+            ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::Server(ServerErrorKind::BusyLoading)
+                | ErrorKind::Server(ServerErrorKind::MasterDown)
+                | ErrorKind::Server(ServerErrorKind::ReadOnly)
+        );
+    StoreError {
+        transient,
+        message: format!("redis: {err}"),
+    }
+}
+
+impl RedisStore {
+    /// Builds the pool. Does not need Redis to be up: connections are made on first use, so
+    /// the service can start (NOT_SERVING) and become ready when Redis appears.
+    pub fn new(config: &RedisConfig) -> StoreResult<Self> {
+        if config.urls.is_empty() {
+            return Err(StoreError::permanent("no Redis URL given"));
+        }
+        let pool_size = config.pool_size.max(1);
+        let pool_config = PoolConfig {
+            max_size: pool_size,
+            timeouts: Timeouts {
+                wait: Some(config.timeout),
+                create: Some(config.timeout),
+                recycle: Some(config.timeout),
+            },
+            ..PoolConfig::default()
+        };
+        let cluster = config.cluster || config.urls.len() > 1;
+        let pool = if cluster {
+            let mut cfg = deadpool_redis::cluster::Config::from_urls(config.urls.clone());
+            cfg.pool = Some(pool_config);
+            Pool::Cluster(cfg.create_pool(Some(Runtime::Tokio1)).map_err(|e| {
+                StoreError::permanent(format!(
+                    "invalid Redis Cluster configuration: {}",
+                    redact(&e)
+                ))
+            })?)
+        } else {
+            let mut cfg = deadpool_redis::Config::from_url(config.urls[0].clone());
+            cfg.pool = Some(pool_config);
+            Pool::Standalone(cfg.create_pool(Some(Runtime::Tokio1)).map_err(|e| {
+                StoreError::permanent(format!("invalid Redis configuration: {}", redact(&e)))
+            })?)
+        };
+        Ok(RedisStore {
+            pool,
+            lanes: (0..pool_size).map(|_| Mutex::new(None)).collect(),
+            next_lane: AtomicUsize::new(0),
+            keys: Keys::new(&config.prefix),
+            timeout: config.timeout,
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    fn lane(&self, index: usize) -> std::sync::MutexGuard<'_, Option<Conn>> {
+        self.lanes[index]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A clone of a pooled connection. The pool object goes straight back to the pool (idle),
+    /// sharing the socket with the clone; the pool's recycle PING on its next checkout is what
+    /// detects a dead socket and replaces it.
+    async fn checkout(&self) -> RedisResult<Conn> {
+        Ok(match &self.pool {
+            Pool::Standalone(p) => Conn::Standalone((*p.get().await.map_err(pool_error)?).clone()),
+            Pool::Cluster(p) => Conn::Cluster((*p.get().await.map_err(pool_error)?).clone()),
+        })
+    }
+
+    /// Fills every lane with its own connection (holding all checkouts at once, so the pool
+    /// has to open `pool_size` distinct sockets). Best effort: if Redis is not up yet, lanes
+    /// fill lazily on first use.
+    pub async fn warm_up(&self) -> StoreResult<()> {
+        let n = self.lanes.len();
+        let work = async {
+            // The pool objects stay checked out until the loop ends, then all return idle.
+            let conns = match &self.pool {
+                Pool::Standalone(p) => {
+                    let mut held = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        held.push(p.get().await.map_err(pool_error)?);
+                    }
+                    held.iter()
+                        .map(|o| Conn::Standalone((**o).clone()))
+                        .collect::<Vec<_>>()
+                }
+                Pool::Cluster(p) => {
+                    let mut held = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        held.push(p.get().await.map_err(pool_error)?);
+                    }
+                    held.iter()
+                        .map(|o| Conn::Cluster((**o).clone()))
+                        .collect::<Vec<_>>()
+                }
+            };
+            Ok::<_, RedisError>(conns)
+        };
+        let conns = tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| StoreError::transient("redis: no answer while connecting"))?
+            .map_err(|e| store_error(&e))?;
+        for (index, conn) in conns.into_iter().enumerate() {
+            *self.lane(index) = Some(conn);
+        }
+        Ok(())
+    }
+
+    /// Runs `op` on the next lane's connection, within the timeout.
+    async fn run<T, F, Fut>(&self, op: F) -> StoreResult<T>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let index = self.next_lane.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        let work = async {
+            let existing = self.lane(index).clone();
+            let conn = match existing {
+                Some(conn) => conn,
+                None => {
+                    let conn = self.checkout().await?;
+                    *self.lane(index) = Some(conn.clone());
+                    conn
+                }
+            };
+            op(conn).await
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => {
+                if err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error()
+                {
+                    // Drop our clone; the next call on this lane asks the pool, which
+                    // re-checks or replaces the connection.
+                    *self.lane(index) = None;
+                }
+                Err(store_error(&err))
+            }
+            Err(_) => Err(StoreError::transient(format!(
+                "redis: no answer within {} ms",
+                self.timeout.as_millis()
+            ))),
+        }
+    }
+}
+
+/// A pool failure as a redis error, so one mapping decides what is transient.
+fn pool_error(err: deadpool_redis::PoolError) -> RedisError {
+    match err {
+        deadpool_redis::PoolError::Backend(e) => e,
+        other => RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("connection pool: {other}"),
+        )),
+    }
+}
+
+/// Pool configuration errors can echo the URL; keep only the kind of problem.
+fn redact(err: &impl std::fmt::Display) -> String {
+    let text = err.to_string();
+    if text.contains('@') || text.contains("://") {
+        "the Redis URL could not be parsed (expected redis://[user:password@]host:port[/db] or rediss://...)".to_owned()
+    } else {
+        text
+    }
+}
+
+fn pack_session(s: &SessionRecord) -> String {
+    let opt = |v: Option<u32>| v.map(|v| v.to_string()).unwrap_or_default();
+    format!(
+        "{}:{}:{}:{}:{}:{}:{}:{}",
+        s.environment.code(),
+        s.plan.code(),
+        u8::from(s.enabled),
+        opt(s.custom_rate_limit),
+        opt(s.custom_max_keys),
+        s.create_ms,
+        s.update_ms,
+        s.version
+    )
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::permanent(format!("redis: unreadable {what} record"))
+}
+
+fn unpack_session(id: &SessionId, packed: &str, active_keys: u32) -> StoreResult<SessionRecord> {
+    let bad = || corrupt("session");
+    let parts: Vec<&str> = packed.split(':').collect();
+    let [env, plan, enabled, crl, cmk, ct, ut, version] = parts[..] else {
+        return Err(bad());
+    };
+    let num = |s: &str| s.parse::<i64>().map_err(|_| bad());
+    let opt = |s: &str| -> StoreResult<Option<u32>> {
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            s.parse().map(Some).map_err(|_| bad())
+        }
+    };
+    Ok(SessionRecord {
+        id: id.clone(),
+        environment: Environment::from_code(num(env)?).ok_or_else(bad)?,
+        plan: Plan::from_code(num(plan)?).ok_or_else(bad)?,
+        enabled: enabled == "1",
+        custom_rate_limit: opt(crl)?,
+        custom_max_keys: opt(cmk)?,
+        create_ms: num(ct)?,
+        update_ms: num(ut)?,
+        version: version.parse().map_err(|_| bad())?,
+        active_keys,
+    })
+}
+
+/// Builds a record from the [`scripts::RECORD_FIELDS`] values; `None` if the key does not
+/// exist (no session field).
+fn parse_record(id: KeyId, fields: &[Option<String>]) -> StoreResult<Option<KeyRecord>> {
+    let bad = || corrupt("key");
+    let [s, e, n, st, ct, lu, x, rt, rr, rb] = fields else {
+        return Err(bad());
+    };
+    let Some(session) = s else { return Ok(None) };
+    let num = |v: &Option<String>| -> StoreResult<Option<Millis>> {
+        v.as_deref()
+            .map(|v| v.parse::<Millis>().map_err(|_| bad()))
+            .transpose()
+    };
+    Ok(Some(KeyRecord {
+        id,
+        session_id: SessionId::parse(session).ok_or_else(bad)?,
+        environment: e
+            .as_deref()
+            .and_then(|e| e.parse().ok())
+            .and_then(Environment::from_code)
+            .ok_or_else(bad)?,
+        name: n.clone().unwrap_or_default(),
+        state: match st.as_deref() {
+            Some("a") => KeyState::Active,
+            Some("r") => KeyState::Revoked,
+            _ => return Err(bad()),
+        },
+        create_ms: num(ct)?.ok_or_else(bad)?,
+        last_used_ms: num(lu)?,
+        expire_ms: num(x)?,
+        revoke_ms: num(rt)?,
+        revoke_reason: rr.clone().unwrap_or_default(),
+        replaced_by: rb
+            .as_deref()
+            .map(|v| KeyId::parse(v).ok_or_else(bad))
+            .transpose()?,
+    }))
+}
+
+/// Decodes a script reply array of (possibly nil) bulk strings.
+fn strings(value: &Value) -> StoreResult<Vec<Option<String>>> {
+    let Value::Array(items) = value else {
+        return Err(corrupt("script reply"));
+    };
+    items
+        .iter()
+        .map(|item| match item {
+            Value::Nil => Ok(None),
+            other => redis::from_redis_value_ref::<String>(other)
+                .map(Some)
+                .map_err(|_| corrupt("script reply")),
+        })
+        .collect()
+}
+
+fn int(value: Option<&Value>) -> StoreResult<i64> {
+    value
+        .and_then(|v| redis::from_redis_value_ref::<i64>(v).ok())
+        .ok_or_else(|| corrupt("script reply"))
+}
+
+impl SessionStore for RedisStore {
+    async fn create_session(&self, session: &SessionRecord) -> StoreResult<bool> {
+        let table = self.keys.sessions(session.id.shard());
+        let packed = pack_session(session);
+        self.run(|mut c| async move {
+            redis::cmd("HSETNX")
+                .arg(&table)
+                .arg(session.id.as_str())
+                .arg(&packed)
+                .query_async::<bool>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn get_session(&self, id: &SessionId, now: Millis) -> StoreResult<Option<SessionRecord>> {
+        let table = self.keys.sessions(id.shard());
+        let active = self.keys.active(id);
+        let (packed, count): (Option<String>, u32) = self
+            .run(|mut c| async move {
+                redis::pipe()
+                    .cmd("HGET")
+                    .arg(&table)
+                    .arg(id.as_str())
+                    .cmd("ZCOUNT")
+                    .arg(&active)
+                    .arg(format!("({now}"))
+                    .arg("+inf")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        packed.map(|p| unpack_session(id, &p, count)).transpose()
+    }
+
+    async fn replace_session(
+        &self,
+        session: &SessionRecord,
+        expected_version: u64,
+    ) -> StoreResult<ReplaceSession> {
+        let table = self.keys.sessions(session.id.shard());
+        let packed = pack_session(session);
+        let reply: i64 = self
+            .run(|mut c| async move {
+                scripts::REPLACE_SESSION
+                    .key(&table)
+                    .arg(session.id.as_str())
+                    .arg(expected_version)
+                    .arg(&packed)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(match reply {
+            1 => ReplaceSession::Replaced,
+            0 => ReplaceSession::NotFound,
+            _ => ReplaceSession::VersionConflict,
+        })
+    }
+}
+
+impl KeyStore for RedisStore {
+    async fn insert_key(
+        &self,
+        key: NewKey<'_>,
+        plan_max_keys: [u32; 4],
+        now: Millis,
+    ) -> StoreResult<InsertKey> {
+        let r = key.record;
+        let names = [
+            self.keys.key(&r.id),
+            self.keys.sessions(r.session_id.shard()),
+            self.keys.index(&r.session_id),
+            self.keys.active(&r.session_id),
+        ];
+        let reply: Vec<i64> = self
+            .run(|mut c| async move {
+                let mut inv = scripts::INSERT_KEY.prepare_invoke();
+                inv.key(&names[..])
+                    .arg(now)
+                    .arg(r.session_id.as_str())
+                    .arg(r.id.as_str())
+                    .arg(r.environment.code())
+                    .arg(&key.hash.0[..])
+                    .arg(key.hash_version)
+                    .arg(&r.name)
+                    .arg(r.create_ms)
+                    .arg(r.expire_ms.map(|x| x.to_string()).unwrap_or_default())
+                    .arg(index_member(r.create_ms, &r.id))
+                    .arg(&plan_max_keys[..]);
+                inv.invoke_async(&mut c).await
+            })
+            .await?;
+        match reply.as_slice() {
+            [1, active] => Ok(InsertKey::Created {
+                active_keys: u32::try_from(*active).unwrap_or(u32::MAX),
+            }),
+            [-1] => Ok(InsertKey::KeyIdTaken),
+            [-2] => Ok(InsertKey::SessionNotFound),
+            [-4, max, plan] => Ok(InsertKey::LimitReached {
+                max_keys: u32::try_from(*max).unwrap_or(u32::MAX),
+                plan: Plan::from_code(*plan).ok_or_else(|| corrupt("session"))?,
+            }),
+            _ => Err(StoreError::permanent(
+                "redis: the key's environment differs from its session's",
+            )),
+        }
+    }
+
+    async fn get_key(&self, id: &KeyId) -> StoreResult<Option<KeyRecord>> {
+        let name = self.keys.key(id);
+        let fields: Vec<Option<String>> = self
+            .run(|mut c| async move {
+                redis::cmd("HMGET")
+                    .arg(&name)
+                    .arg(&scripts::RECORD_FIELDS[..])
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        parse_record(*id, &fields)
+    }
+
+    async fn list_keys(
+        &self,
+        session: &SessionId,
+        after: Option<KeyCursor>,
+        limit: usize,
+    ) -> StoreResult<Vec<KeyRecord>> {
+        let index = self.keys.index(session);
+        let min = after.map_or_else(
+            || "-".to_owned(),
+            |c| format!("({}", index_member(c.create_ms, &c.key_id)),
+        );
+        let members: Vec<String> = self
+            .run(|mut c| async move {
+                redis::cmd("ZRANGE")
+                    .arg(&index)
+                    .arg(&min)
+                    .arg("+")
+                    .arg("BYLEX")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let ids = members
+            .iter()
+            .map(|m| parse_index_member(m).map(|(_, id)| id))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| corrupt("key index"))?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One pipelined round trip for all records; they share the session's slot.
+        let names: Vec<String> = ids.iter().map(|id| self.keys.key(id)).collect();
+        let replies: Vec<Vec<Option<String>>> = self
+            .run(|mut c| async move {
+                let mut pipe = redis::pipe();
+                for name in &names {
+                    pipe.cmd("HMGET").arg(name).arg(&scripts::RECORD_FIELDS[..]);
+                }
+                pipe.query_async(&mut c).await
+            })
+            .await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, fields) in ids.into_iter().zip(replies) {
+            if let Some(record) = parse_record(id, &fields)? {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn revoke_key(
+        &self,
+        id: &KeyId,
+        session: &SessionId,
+        reason: &str,
+        now: Millis,
+    ) -> StoreResult<Option<KeyRecord>> {
+        let names = [self.keys.key(id), self.keys.active(session)];
+        let reply: Value = self
+            .run(|mut c| async move {
+                scripts::REVOKE_KEY
+                    .key(&names[..])
+                    .arg(now)
+                    .arg(reason)
+                    .arg(id.as_str())
+                    .arg(session.as_str())
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        match reply {
+            Value::Int(0) => Ok(None),
+            fields => parse_record(*id, &strings(&fields)?),
+        }
+    }
+
+    async fn rotate_key(
+        &self,
+        old: &KeyId,
+        new: NewKey<'_>,
+        old_expires_at: Option<Millis>,
+        now: Millis,
+    ) -> StoreResult<RotateKey> {
+        let r = new.record;
+        let names = [
+            self.keys.key(old),
+            self.keys.key(&r.id),
+            self.keys.index(&r.session_id),
+            self.keys.active(&r.session_id),
+        ];
+        let reply: Vec<Value> = self
+            .run(|mut c| async move {
+                let mut inv = scripts::ROTATE_KEY.prepare_invoke();
+                inv.key(&names[..])
+                    .arg(now)
+                    .arg(old.as_str())
+                    .arg(r.id.as_str())
+                    .arg(r.session_id.as_str())
+                    .arg(r.environment.code())
+                    .arg(&new.hash.0[..])
+                    .arg(new.hash_version)
+                    .arg(&r.name)
+                    .arg(r.expire_ms.map(|x| x.to_string()).unwrap_or_default())
+                    .arg(index_member(r.create_ms, &r.id))
+                    .arg(old_expires_at.map(|x| x.to_string()).unwrap_or_default())
+                    .arg(ROTATED_REASON);
+                inv.invoke_async(&mut c).await
+            })
+            .await?;
+        match int(reply.first())? {
+            1 => {
+                let old_record =
+                    parse_record(*old, &strings(reply.get(1).unwrap_or(&Value::Nil))?)?;
+                let new_record =
+                    parse_record(r.id, &strings(reply.get(2).unwrap_or(&Value::Nil))?)?;
+                match (old_record, new_record) {
+                    (Some(old), Some(new)) => Ok(RotateKey::Rotated { old, new }),
+                    _ => Err(corrupt("key")),
+                }
+            }
+            -1 => Ok(RotateKey::NotFound),
+            -2 => Ok(RotateKey::NotActive),
+            -3 => Ok(RotateKey::AlreadyRotated),
+            _ => Ok(RotateKey::KeyIdTaken),
+        }
+    }
+
+    async fn verify(&self, request: &VerifyRequest) -> StoreResult<VerifyOutcome> {
+        let key_name = self.keys.key(&request.key_id);
+        let table = self.keys.sessions(request.key_id.shard());
+        let reply: Vec<Value> = self
+            .run(|mut c| async move {
+                let mut inv = scripts::VERIFY.prepare_invoke();
+                inv.key(&key_name)
+                    .key(&table)
+                    .arg(&request.hash.0[..])
+                    .arg(request.hash_version)
+                    .arg(request.now)
+                    .arg(request.cost)
+                    .arg(request.expected_environment.map_or(0, Environment::code))
+                    .arg(&request.plan_rate_limits[..]);
+                inv.invoke_async(&mut c).await
+            })
+            .await?;
+        decode_verify(&reply)
+    }
+}
+
+fn decode_verify(reply: &[Value]) -> StoreResult<VerifyOutcome> {
+    let bad = || corrupt("verify reply");
+    let decision = Decision::from_code(int(reply.first())?).ok_or_else(bad)?;
+    if reply.len() == 1 {
+        return Ok(VerifyOutcome::unattributed(decision, None));
+    }
+    let text = |i: usize| -> StoreResult<String> {
+        reply
+            .get(i)
+            .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+            .ok_or_else(bad)
+    };
+    let session_id = SessionId::parse(&text(1)?).ok_or_else(bad)?;
+    let environment =
+        Environment::from_code(text(2)?.parse().map_err(|_| bad())?).ok_or_else(bad)?;
+    let plan = Plan::from_code(text(3)?.parse().map_err(|_| bad())?).ok_or_else(bad)?;
+    let rate_limit = if reply.len() >= 8 {
+        let n = |i: usize| int(reply.get(i));
+        let clamp = |v: i64| u32::try_from(v.max(0)).unwrap_or(u32::MAX);
+        let retry = n(7)?;
+        Some(RateLimitState {
+            limit: clamp(n(4)?),
+            remaining: clamp(n(5)?),
+            reset_after_ms: n(6)?,
+            retry_after_ms: (retry >= 0 && decision == Decision::RateLimited).then_some(retry),
+        })
+    } else {
+        None
+    };
+    Ok(VerifyOutcome {
+        decision,
+        key_id: None,
+        session_id: Some(session_id),
+        environment: Some(environment),
+        plan: Some(plan),
+        rate_limit,
+    })
+}
+
+impl AuditStore for RedisStore {
+    async fn append_audit(&self, entry: &AuditEntry, retention_ms: Millis) -> StoreResult<String> {
+        let name = self.keys.audit(&entry.session_id);
+        let key_id = entry.key_id.map(|k| k.to_string()).unwrap_or_default();
+        self.run(|mut c| async move {
+            scripts::APPEND_AUDIT
+                .key(&name)
+                .arg(retention_ms.max(1))
+                .arg("t")
+                .arg(entry.time_ms)
+                .arg("c")
+                .arg(&entry.actor)
+                .arg("a")
+                .arg(&entry.action)
+                .arg("k")
+                .arg(&key_id)
+                .arg("r")
+                .arg(&entry.result)
+                .arg("d")
+                .arg(&entry.detail)
+                .invoke_async(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn list_audit(
+        &self,
+        session: &SessionId,
+        before: Option<(u64, u64)>,
+        limit: usize,
+    ) -> StoreResult<Vec<AuditEvent>> {
+        let name = self.keys.audit(session);
+        let end = before.map_or_else(|| "+".to_owned(), |(ms, seq)| format!("({ms}-{seq}"));
+        let rows: Vec<(String, Vec<String>)> = self
+            .run(|mut c| async move {
+                redis::cmd("XREVRANGE")
+                    .arg(&name)
+                    .arg(&end)
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(limit)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(id, fields)| {
+                let get = |name: &str| {
+                    fields
+                        .chunks(2)
+                        .find(|pair| pair[0] == name)
+                        .and_then(|pair| pair.get(1))
+                        .cloned()
+                        .unwrap_or_default()
+                };
+                Ok(AuditEvent {
+                    id,
+                    entry: AuditEntry {
+                        time_ms: get("t").parse().map_err(|_| corrupt("audit"))?,
+                        actor: get("c"),
+                        action: get("a"),
+                        session_id: session.clone(),
+                        key_id: KeyId::parse(&get("k")),
+                        result: get("r"),
+                        detail: get("d"),
+                    },
+                })
+            })
+            .collect()
+    }
+}
+
+impl Store for RedisStore {
+    async fn ping(&self) -> StoreResult<()> {
+        let pong: String = self
+            .run(|mut c| async move { redis::cmd("PING").query_async(&mut c).await })
+            .await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(StoreError::permanent("redis: unexpected PING reply"))
+        }
+    }
+
+    fn describe(&self) -> String {
+        let mode = match self.pool {
+            Pool::Standalone(_) => "standalone",
+            Pool::Cluster(_) => "cluster",
+        };
+        format!(
+            "redis {mode} ({} connections, key prefix {:?})",
+            self.lanes.len(),
+            self.keys.prefix()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_round_trip_through_their_packed_form() {
+        let s = SessionRecord {
+            id: SessionId::parse("acme").expect("valid"),
+            environment: Environment::Staging,
+            plan: Plan::Enterprise,
+            enabled: false,
+            custom_rate_limit: Some(5000),
+            custom_max_keys: None,
+            create_ms: 1_795_737_600_000,
+            update_ms: 1_795_737_600_123,
+            version: 7,
+            active_keys: 2,
+        };
+        let packed = pack_session(&s);
+        assert_eq!(packed, "2:4:0:5000::1795737600000:1795737600123:7");
+        assert_eq!(unpack_session(&s.id, &packed, 2).expect("parses"), s);
+        assert!(unpack_session(&s.id, "2:4:0", 0).is_err());
+        assert!(unpack_session(&s.id, "9:4:0:::1:1:1", 0).is_err());
+    }
+
+    #[test]
+    fn config_debug_hides_urls() {
+        let cfg = RedisConfig {
+            urls: vec!["redis://:hunter2@10.0.0.1:6379".into()],
+            cluster: false,
+            pool_size: 4,
+            prefix: "sk".into(),
+            timeout: Duration::from_secs(1),
+        };
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+        assert!(!redact(&"bad url redis://:hunter2@x").contains("hunter2"));
+    }
+}
