@@ -16,7 +16,7 @@
 //! - [`grpc`]: tonic implementations: proto -> domain, call the service, domain -> proto;
 //!   [`grpc::status`] is the only place errors become `tonic::Status`.
 //! - [`config`]: command line and environment.
-//! - [`telemetry`]: logging.
+//! - [`telemetry`] sets up logging.
 //! - [`app`]: wiring: store from config, services, health, reflection; `serve(listener,
 //!   shutdown)` for tests and `run(config)` for the binary.
 

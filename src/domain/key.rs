@@ -156,7 +156,7 @@ impl IssuedKey {
     pub fn generate(
         environment: Environment,
         key_id: KeyId,
-        rng: &mut (impl RngCore + rand::CryptoRng),
+        rng: &mut impl rand::CryptoRng,
     ) -> Self {
         let mut full = String::with_capacity(MAX_KEY_LEN);
         full.push_str(environment.key_prefix());

@@ -109,34 +109,34 @@ pub fn key_id(v: &mut Violations, field: &str, text: &str) -> Option<KeyId> {
 /// An environment that must be given.
 pub fn environment(v: &mut Violations, field: &str, value: i32) -> Option<Environment> {
     match optional_environment(v, field, value) {
-        Ok(Some(env)) => Some(env),
-        Ok(None) => {
+        Some(Some(env)) => Some(env),
+        Some(None) => {
             v.add(
                 field,
                 "is required (ENVIRONMENT_DEV, ENVIRONMENT_STAGING or ENVIRONMENT_LIVE)",
             );
             None
         }
-        Err(()) => None,
+        None => None,
     }
 }
 
-/// An environment where UNSPECIFIED means "none"; `Err` if the value is unknown (reported).
+/// An environment where UNSPECIFIED means "none" (`Some(None)`); `None` if the value is
+/// unknown, which is recorded as a violation.
 pub fn optional_environment(
     v: &mut Violations,
     field: &str,
     value: i32,
-) -> Result<Option<Environment>, ()> {
+) -> Option<Option<Environment>> {
     if value == 0 {
-        return Ok(None);
+        return Some(None);
     }
-    match Environment::from_code(i64::from(value)) {
-        Some(env) => Ok(Some(env)),
-        None => {
-            v.add(field, format!("unknown environment value {value}"));
-            Err(())
-        }
+    let env = Environment::from_code(i64::from(value));
+    if env.is_none() {
+        v.add(field, format!("unknown environment value {value}"));
+        return None;
     }
+    Some(env)
 }
 
 pub fn plan(v: &mut Violations, field: &str, value: i32) -> Option<Plan> {

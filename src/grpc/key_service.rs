@@ -227,7 +227,7 @@ impl<S: Store> KeyServiceApi for KeyGrpc<S> {
         let mut v = Violations::new();
         let expected =
             convert::optional_environment(&mut v, "expected_environment", req.expected_environment);
-        let expected = decoded(v, || expected.ok())?;
+        let expected = decoded(v, || expected)?;
         // Reject absurd inputs before even trimming: a key is at most MAX_KEY_LEN characters,
         // and leading/trailing whitespace of a pasted key is never kilobytes long.
         let presented = if req.key.len() > MAX_KEY_LEN + 1024 {

@@ -164,6 +164,10 @@ impl<S: Store> KeyService<S> {
         result: &Result<T>,
         detail: String,
     ) {
+        // Requests refused for their form change nothing and only add noise to the log.
+        if matches!(result, Err(Error::Domain(DomainError::InvalidArgument(_)))) {
+            return;
+        }
         let entry = AuditEntry {
             time_ms: self.now(),
             actor: actor.name().to_owned(),
@@ -548,7 +552,7 @@ impl<S: Store> KeyService<S> {
                 hash_version: HASH_VERSION,
             };
             match self.store.rotate_key(id, new, old_expires_at, now).await? {
-                RotateKey::Rotated { old, new } => return Ok((old, new, issued)),
+                RotateKey::Rotated { old, new } => return Ok((*old, *new, issued)),
                 RotateKey::KeyIdTaken => continue,
                 RotateKey::NotFound => return Err(key_not_found(id)),
                 // Lost a race with a concurrent revoke or rotate: report what happened.

@@ -275,8 +275,8 @@ impl KeyStore for MemoryStore {
             Some(at) => record.expire_ms = Some(record.expire_ms.map_or(at, |x| x.min(at))),
         }
         Ok(RotateKey::Rotated {
-            old: record.clone(),
-            new: new.record.clone(),
+            old: Box::new(record.clone()),
+            new: Box::new(new.record.clone()),
         })
     }
 

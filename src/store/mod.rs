@@ -66,9 +66,10 @@ pub enum InsertKey {
 /// Result of [`KeyStore::rotate_key`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RotateKey {
+    /// Boxed: two records dwarf the other variants.
     Rotated {
-        old: KeyRecord,
-        new: KeyRecord,
+        old: Box<KeyRecord>,
+        new: Box<KeyRecord>,
     },
     NotFound,
     /// The old key is revoked or expired.

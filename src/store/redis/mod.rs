@@ -648,7 +648,10 @@ impl KeyStore for RedisStore {
                 let new_record =
                     parse_record(r.id, &strings(reply.get(2).unwrap_or(&Value::Nil))?)?;
                 match (old_record, new_record) {
-                    (Some(old), Some(new)) => Ok(RotateKey::Rotated { old, new }),
+                    (Some(old), Some(new)) => Ok(RotateKey::Rotated {
+                        old: Box::new(old),
+                        new: Box::new(new),
+                    }),
                     _ => Err(corrupt("key")),
                 }
             }

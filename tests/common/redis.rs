@@ -1,0 +1,286 @@
+//! Real Redis for the tests: one standalone `redis-server` and one 3-master Redis Cluster per
+//! test binary, each on free loopback ports, started on first use and shared by every test of
+//! the binary (tests isolate themselves with their own key prefix, so they run in parallel).
+//!
+//! The servers never outlive the test process: they are spawned from a thread that lives until
+//! the process exits, with `PR_SET_PDEATHSIG`, so the kernel kills them when it does — even if
+//! a test panics or the run is interrupted. Startup waits for redis-server's own "Ready to
+//! accept connections" line instead of sleeping.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A running redis-server.
+pub struct RedisServer {
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+}
+
+fn require_binary(name: &str) {
+    let found = Command::new(name)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "`{name}` was not found on PATH. The tests run against a real Redis 7: install it with \
+         `sudo apt-get install -y redis-server` (Debian/Ubuntu; it provides redis-server and \
+         redis-cli) or `brew install redis` (macOS), then run the tests again."
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Spawns `command` from a thread that parks forever, with PDEATHSIG set: the child dies with
+/// the test process (PDEATHSIG fires when the *spawning thread* exits, so that thread must
+/// outlive every test).
+fn spawn_tied_to_process(mut command: Command) -> std::io::Result<Child> {
+    static SPAWNER: OnceLock<mpsc::Sender<(Command, mpsc::Sender<std::io::Result<Child>>)>> =
+        OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<(Command, mpsc::Sender<std::io::Result<Child>>)>();
+        std::thread::Builder::new()
+            .name("redis-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in rx {
+                    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+                    unsafe {
+                        command.pre_exec(|| {
+                            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                            Ok(())
+                        });
+                    }
+                    let _ = reply.send(command.spawn());
+                }
+                // The sender lives in a static, so this loop never ends: the thread (and with
+                // it the children's PDEATHSIG link) lasts until the process exits.
+            })
+            .expect("spawner thread");
+        tx
+    });
+    let (reply_tx, reply_rx) = mpsc::channel();
+    command.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    spawner
+        .send((command, reply_tx))
+        .expect("spawner thread alive");
+    reply_rx.recv().expect("spawner replies")
+}
+
+/// Starts redis-server with `extra` arguments on a free port; retries on a port race.
+fn start_server(extra: &[&str]) -> RedisServer {
+    let (server, _child) = start_server_on(None, extra);
+    server
+}
+
+/// A redis-server owned by one test, which it can kill and restart (fault tests).
+pub struct DedicatedRedis {
+    pub server: RedisServer,
+    child: Option<Child>,
+}
+
+impl DedicatedRedis {
+    pub fn start() -> Self {
+        let (server, child) = start_server_on(None, &[]);
+        DedicatedRedis {
+            server,
+            child: Some(child),
+        }
+    }
+
+    /// Kills the server (SIGKILL: no graceful goodbye to clients, like a crashed node).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a fresh, empty server on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let (server, child) = start_server_on(Some(self.server.port), &[]);
+        self.server = server;
+        self.child = Some(child);
+    }
+}
+
+impl Drop for DedicatedRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn start_server_on(fixed_port: Option<u16>, extra: &[&str]) -> (RedisServer, Child) {
+    require_binary("redis-server");
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = fixed_port.unwrap_or_else(free_port);
+        let mut command = Command::new("redis-server");
+        command
+            .arg("--port")
+            .arg(port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--daemonize",
+                "no",
+                "--logfile",
+                "",
+                "--protected-mode",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .args(extra);
+        let mut child = spawn_tied_to_process(command).expect("redis-server starts");
+        if wait_ready(&mut child) {
+            // Dropping a Child neither kills nor waits; the process lives until ours ends.
+            return (RedisServer { port, _dir: dir }, child);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("redis-server did not start after 5 attempts (see its output above)");
+}
+
+/// Reads redis-server's log until it is ready (true) or exits (false, e.g. port taken).
+fn wait_ready(child: &mut Child) -> bool {
+    let Some(stdout) = child.stdout.take() else {
+        return false;
+    };
+    let mut lines = BufReader::new(stdout).lines();
+    let mut ready = false;
+    for line in lines.by_ref() {
+        let Ok(line) = line else { break };
+        if line.contains("Ready to accept connections") {
+            ready = true;
+            break;
+        }
+        if line.contains("# ")
+            && (line.contains("Address already in use") || line.contains("Failed"))
+        {
+            eprintln!("redis-server: {line}");
+        }
+    }
+    // Drain the rest of the log in the background.
+    std::thread::spawn(move || for _ in lines {});
+    ready
+}
+
+pub fn standalone() -> &'static RedisServer {
+    static SERVER: OnceLock<RedisServer> = OnceLock::new();
+    SERVER.get_or_init(|| start_server(&[]))
+}
+
+pub fn cluster() -> &'static RedisCluster {
+    static CLUSTER: OnceLock<RedisCluster> = OnceLock::new();
+    CLUSTER.get_or_init(start_cluster)
+}
+
+fn start_cluster() -> RedisCluster {
+    require_binary("redis-cli");
+    let nodes: Vec<RedisServer> = (0..3)
+        .map(|_| {
+            start_server(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+            ])
+        })
+        .collect();
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let output = Command::new("redis-cli")
+        .arg("--cluster")
+        .arg("create")
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("redis-cli runs");
+    assert!(
+        output.status.success(),
+        "redis-cli --cluster create failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let cluster = RedisCluster { nodes };
+    wait_cluster_ok(&cluster);
+    cluster
+}
+
+/// Gossip needs a moment after `--cluster create` before every node reports the cluster as
+/// ok. This polls each node's own view (a state change, not a server that is already
+/// listening), bounded at 30 s.
+fn wait_cluster_ok(cluster: &RedisCluster) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for node in &cluster.nodes {
+        let client = redis::Client::open(node.url()).expect("url");
+        let mut conn = client.get_connection().expect("connect to cluster node");
+        loop {
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query(&mut conn)
+                .expect("CLUSTER INFO");
+            if info.contains("cluster_state:ok") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster never reached state ok: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Counts keys under `prefix` on a server (SCAN, so it works on any node).
+pub fn count_keys(url: &str, prefix: &str) -> usize {
+    let client = redis::Client::open(url).expect("url");
+    let mut conn = client.get_connection().expect("connect");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query(&mut conn)
+        .expect("KEYS");
+    keys.len()
+}
+
+/// Path of a file in the crate (for fixtures).
+#[allow(dead_code)]
+pub fn crate_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}

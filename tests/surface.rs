@@ -1,0 +1,163 @@
+//! The service surface operators and Kubernetes rely on: gRPC health that tells the truth about
+//! the store, reflection (v1 and v1alpha), and failing closed when Redis goes away.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::redis::DedicatedRedis;
+use common::{
+    Backend, TestServer, create_key, create_session, decision, reason, unique_prefix,
+    unique_session, verify,
+};
+use sendable_keys::grpc::pb;
+use sendable_keys::store::redis::{RedisConfig, RedisStore};
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+async fn health_reports_serving_for_the_server_and_its_services(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    for service in ["", "sendable.keys.v1.KeyService"] {
+        server.wait_health(service, ServingStatus::Serving).await;
+        let status = server
+            .health()
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .expect("check")
+            .into_inner();
+        assert_eq!(status.status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let unknown = server
+        .health()
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .expect_err("unknown service");
+    assert_eq!(unknown.code(), Code::NotFound);
+}
+
+async fn reflection_lists_the_services(backend: Backend) {
+    use tokio_stream::StreamExt;
+    let server = TestServer::start(backend).await;
+    // v1
+    {
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+        let mut client = ServerReflectionClient::new(server.channel.clone());
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = client
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .expect("reflection v1")
+            .into_inner();
+        let response = responses.next().await.expect("a response").expect("ok");
+        let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+            panic!("unexpected reflection response");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        for expected in ["sendable.keys.v1.KeyService", "grpc.health.v1.Health"] {
+            assert!(
+                names.iter().any(|n| n == expected),
+                "{expected} missing from {names:?}"
+            );
+        }
+    }
+    // v1alpha (older grpcurl and grpcio releases)
+    {
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        let mut client = ServerReflectionClient::new(server.channel.clone());
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "sendable.keys.v1.KeyService".into(),
+            )),
+        };
+        let mut responses = client
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .expect("reflection v1alpha")
+            .into_inner();
+        let response = responses.next().await.expect("a response").expect("ok");
+        let Some(MessageResponse::FileDescriptorResponse(files)) = response.message_response else {
+            panic!("unexpected reflection response");
+        };
+        assert!(!files.file_descriptor_proto.is_empty());
+    }
+}
+
+for_all_stores!(
+    health_reports_serving_for_the_server_and_its_services,
+    reflection_lists_the_services
+);
+
+/// Redis dies: health flips to NOT_SERVING, VerifyKey fails closed with UNAVAILABLE (never a
+/// VALID it cannot vouch for); Redis comes back: serving again, new data works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_redis_fails_closed_and_recovers() {
+    let mut redis = DedicatedRedis::start();
+    let prefix = unique_prefix();
+    let store = RedisStore::new(&RedisConfig {
+        urls: vec![redis.server.url()],
+        cluster: false,
+        pool_size: 2,
+        prefix: prefix.clone(),
+        timeout: std::time::Duration::from_millis(500),
+    })
+    .expect("store");
+    let server = TestServer::start_on_store(Arc::new(store), Backend::Redis, &prefix).await;
+    server.wait_health("", ServingStatus::Serving).await;
+    let mut c = server.keys();
+    let id = unique_session("fault");
+    create_session(&mut c, &id, pb::Plan::Pro, pb::Environment::Live).await;
+    let (_, secret) = create_key(&mut c, &id).await;
+    assert_eq!(
+        decision(&verify(&mut c, &secret).await),
+        pb::Decision::Valid
+    );
+
+    redis.kill();
+    let err = c
+        .verify_key(pb::VerifyKeyRequest {
+            key: secret.clone(),
+            expected_environment: 0,
+            cost: 0,
+        })
+        .await
+        .expect_err("no store, no answer");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(reason(&err), "STORE_UNAVAILABLE");
+    assert!(
+        !err.message().contains("127.0.0.1"),
+        "no internals in the message: {}",
+        err.message()
+    );
+    server.wait_health("", ServingStatus::NotServing).await;
+    // A malformed key still gets its answer: that needs no store.
+    assert_eq!(
+        decision(&verify(&mut c, "nonsense").await),
+        pb::Decision::Malformed
+    );
+
+    // A fresh (empty) Redis on the same address: the service reconnects by itself.
+    redis.restart();
+    server.wait_health("", ServingStatus::Serving).await;
+    let id = unique_session("after");
+    create_session(&mut c, &id, pb::Plan::Pro, pb::Environment::Live).await;
+    let (_, secret) = create_key(&mut c, &id).await;
+    assert_eq!(
+        decision(&verify(&mut c, &secret).await),
+        pb::Decision::Valid
+    );
+}
