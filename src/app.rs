@@ -22,8 +22,11 @@ use crate::store::Store;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisConfig, RedisStore};
 
-/// Health service names reported besides the overall "" entry.
+/// Health service names reported besides the overall "" entry (readiness: SERVING only while
+/// the store answers and the server is not shutting down).
 pub const HEALTH_SERVICES: [&str; 1] = ["sendable.keys.v1.KeyService"];
+/// Health service name for liveness probes: SERVING for as long as the process runs.
+pub const LIVENESS_SERVICE: &str = "liveness";
 
 /// How the gRPC server behaves (the parts of config that are not the store).
 #[derive(Clone, Debug)]
@@ -102,6 +105,16 @@ pub async fn serve<S: Store>(
 ) -> Result<(), AppError> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::NotServing).await;
+    // Liveness is about the process, not its dependencies: a Redis outage must not make
+    // Kubernetes restart every replica.
+    reporter
+        .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
+        .await;
+    // Know the store's state before the first call can arrive, so a client that checks health
+    // right after connecting never sees a stale NOT_SERVING.
+    if keys.store().ping().await.is_ok() {
+        set_health(&reporter, ServingStatus::Serving).await;
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let health_task = tokio::spawn(watch_health(
         keys.store().clone(),
@@ -216,7 +229,9 @@ async fn run_with<S: Store>(
             addr: args.listen,
             source,
         })?;
-    tracing::info!(addr = %args.listen, "gRPC listening");
+    // The bound address, not the requested one: with port 0 this is how callers find us.
+    let addr = listener.local_addr().unwrap_or(args.listen);
+    tracing::info!(%addr, "gRPC listening");
     let options = ServeOptions {
         max_message_bytes: args.max_message_bytes as usize,
         health_interval: args.health_interval,

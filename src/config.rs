@@ -27,6 +27,32 @@ pub struct Cli {
 pub enum Command {
     /// Run the gRPC server (the default).
     Serve(ServeArgs),
+    /// Ask a running server for its gRPC health (exit 0 when SERVING); for probes and
+    /// `helm test`.
+    Health(HealthArgs),
+    /// Print the SHA-256 of a bearer token read from stdin, for the credentials file; with
+    /// `--generate`, make a new random token and print both.
+    HashToken(HashTokenArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct HealthArgs {
+    /// Server address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// Health service name ("" = the whole server).
+    #[arg(long, default_value = "")]
+    pub service: String,
+    /// Give up after this long.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct HashTokenArgs {
+    /// Generate a new random token instead of reading one.
+    #[arg(long)]
+    pub generate: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -15,12 +15,13 @@
 //!   given an injectable [`service::clock::Clock`].
 //! - [`grpc`]: tonic implementations: proto -> domain, call the service, domain -> proto;
 //!   [`grpc::status`] is the only place errors become `tonic::Status`.
-//! - [`config`]: command line and environment.
+//! - [`config`]: command line and environment; [`cli`]: the operator subcommands.
 //! - [`telemetry`] sets up logging.
 //! - [`app`]: wiring: store from config, services, health, reflection; `serve(listener,
 //!   shutdown)` for tests and `run(config)` for the binary.
 
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod grpc;

@@ -1,30 +1,29 @@
 //! The `sendable-keys` binary: parse the command line, set up logging, run. Everything else
-//! lives in the library (`app::run`).
+//! lives in the library (`app::run`, `cli`).
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use sendable_keys::config::{Cli, Command};
+use sendable_keys::config::{Cli, Command, ServeArgs};
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let args = match cli.command {
-        Some(Command::Serve(args)) => args,
-        None => cli.serve,
-    };
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| {
+            eprintln!("sendable-keys: cannot start the async runtime: {err}");
+            ExitCode::FAILURE
+        })
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
     if let Err(err) = sendable_keys::telemetry::init(args.log_format, &args.log) {
         eprintln!("sendable-keys: {err}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("sendable-keys: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(sendable_keys::app::run(args)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -33,5 +32,18 @@ fn main() -> ExitCode {
             eprintln!("sendable-keys: {err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        None => serve(cli.serve),
+        Some(Command::Serve(args)) => serve(args),
+        Some(Command::Health(args)) => match runtime() {
+            Ok(runtime) => runtime.block_on(sendable_keys::cli::health(&args)),
+            Err(code) => code,
+        },
+        Some(Command::HashToken(args)) => sendable_keys::cli::hash_token(&args),
     }
 }

@@ -73,6 +73,20 @@ impl UtcDate {
     }
 }
 
+/// `ms` as RFC 3339 UTC with milliseconds (`2026-11-27T19:14:27.904Z`), for messages people
+/// read (audit details, logs).
+pub fn rfc3339(ms: Millis) -> String {
+    let date = UtcDate::from_millis(ms);
+    let in_day = ms - date.start_millis();
+    format!(
+        "{date}T{:02}:{:02}:{:02}.{:03}Z",
+        in_day / MILLIS_PER_HOUR,
+        in_day % MILLIS_PER_HOUR / MILLIS_PER_MINUTE,
+        in_day % MILLIS_PER_MINUTE / 1000,
+        in_day % 1000
+    )
+}
+
 impl fmt::Display for UtcDate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (y, m, d) = self.civil();
@@ -159,6 +173,12 @@ mod tests {
         ] {
             assert_eq!(UtcDate::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn rfc3339_formats_utc_with_millis() {
+        assert_eq!(rfc3339(1_795_806_867_904), "2026-11-27T19:14:27.904Z");
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::domain::apikey::{MAX_KEY_NAME_LEN, MAX_REVOKE_REASON_LEN};
 use crate::domain::audit::parse_event_id;
 use crate::domain::key::{self, Malformed};
 use crate::domain::plan::{MAX_KEYS_LIMIT, MAX_RATE_LIMIT_PER_MINUTE};
-use crate::domain::time::MILLIS_PER_DAY;
+use crate::domain::time::{MILLIS_PER_DAY, rfc3339};
 use crate::domain::{
     Actor, AuditAction, AuditEntry, AuditEvent, Decision, DomainError, Environment, HASH_VERSION,
     IssuedKey, KeyHasher, KeyId, KeyRecord, KeyState, KeyStatus, Millis, Plan, PlanTable, Resource,
@@ -329,10 +329,10 @@ impl<S: Store> KeyService<S> {
             Ok((key, _)) => (
                 Some(key.id),
                 format!(
-                    "created {} name={:?} expire_ms={}",
+                    "created {} name={:?} expire_time={}",
                     key.display_prefix(),
                     key.name,
-                    key.expire_ms.map_or("-".to_owned(), |x| x.to_string())
+                    key.expire_ms.map_or("never".to_owned(), rfc3339)
                 ),
             ),
             Err(_) => (None, format!("name={name:?}")),
@@ -511,8 +511,9 @@ impl<S: Store> KeyService<S> {
             Ok((old, new, _)) => match old.expire_ms {
                 Some(x) if old.state == KeyState::Active => {
                     format!(
-                        "replaced by {}; old key expires at ms {x}",
-                        new.display_prefix()
+                        "replaced by {}; old key expires at {}",
+                        new.display_prefix(),
+                        rfc3339(x)
                     )
                 }
                 _ => format!("replaced by {}; old key revoked", new.display_prefix()),
