@@ -13,18 +13,23 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::config::ServeArgs;
+use crate::domain::usage::AlertThresholds;
 use crate::domain::{KeyHasher, Pepper, PlanTable};
-use crate::grpc::KeyGrpc;
 use crate::grpc::pb::key_service_server::KeyServiceServer;
+use crate::grpc::pb::usage_service_server::UsageServiceServer;
+use crate::grpc::{KeyGrpc, UsageGrpc};
 use crate::service::clock::{Clock, SystemClock};
-use crate::service::{KeyService, Settings};
+use crate::service::{KeyService, Settings, UsageService};
 use crate::store::Store;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisConfig, RedisStore};
 
 /// Health service names reported besides the overall "" entry (readiness: SERVING only while
 /// the store answers and the server is not shutting down).
-pub const HEALTH_SERVICES: [&str; 1] = ["sendable.keys.v1.KeyService"];
+pub const HEALTH_SERVICES: [&str; 2] = [
+    "sendable.keys.v1.KeyService",
+    "sendable.keys.v1.UsageService",
+];
 /// Health service name for liveness probes: SERVING for as long as the process runs.
 pub const LIVENESS_SERVICE: &str = "liveness";
 
@@ -33,6 +38,8 @@ pub const LIVENESS_SERVICE: &str = "liveness";
 pub struct ServeOptions {
     pub max_message_bytes: usize,
     pub health_interval: Duration,
+    /// How often a WatchAlerts stream re-evaluates.
+    pub alert_poll_interval: Duration,
 }
 
 impl Default for ServeOptions {
@@ -40,6 +47,7 @@ impl Default for ServeOptions {
         ServeOptions {
             max_message_bytes: 512 * 1024,
             health_interval: Duration::from_secs(2),
+            alert_poll_interval: Duration::from_secs(10),
         }
     }
 }
@@ -120,7 +128,7 @@ pub async fn serve<S: Store>(
         keys.store().clone(),
         reporter,
         options.health_interval,
-        stop_rx,
+        stop_rx.clone(),
     ));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -134,8 +142,15 @@ pub async fn serve<S: Store>(
         .build_v1alpha()
         .map_err(|e| AppError::Config(format!("reflection: {e}")))?;
 
+    let usage = Arc::new(UsageService::new(keys.clone()));
     let key_service = KeyServiceServer::new(KeyGrpc::new(keys))
         .max_decoding_message_size(options.max_message_bytes);
+    let usage_service = UsageServiceServer::new(UsageGrpc::new(
+        usage,
+        options.alert_poll_interval,
+        stop_rx.clone(),
+    ))
+    .max_decoding_message_size(options.max_message_bytes);
 
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let shutdown = async move {
@@ -148,6 +163,7 @@ pub async fn serve<S: Store>(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(key_service)
+        .add_service(usage_service)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     let _ = health_task.await;
@@ -173,6 +189,22 @@ fn load_pepper(args: &ServeArgs) -> Result<Option<Pepper>, AppError> {
         (None, None) => return Ok(None),
     };
     Pepper::new(bytes).map(Some).map_err(AppError::Config)
+}
+
+fn load_alerts(args: &ServeArgs) -> Result<AlertThresholds, AppError> {
+    match &args.alerts_file {
+        None => Ok(AlertThresholds::default()),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                AppError::Config(format!(
+                    "cannot read the alerts file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            AlertThresholds::from_toml(&text)
+                .map_err(|e| AppError::Config(format!("alerts file {}: {e}", path.display())))
+        }
+    }
 }
 
 fn load_plans(args: &ServeArgs) -> Result<PlanTable, AppError> {
@@ -235,6 +267,7 @@ async fn run_with<S: Store>(
     let options = ServeOptions {
         max_message_bytes: args.max_message_bytes as usize,
         health_interval: args.health_interval,
+        alert_poll_interval: args.alert_poll_interval,
     };
     serve(keys, listener, options, shutdown_signal()).await?;
     tracing::info!("stopped");
@@ -247,6 +280,8 @@ pub async fn run(args: ServeArgs) -> Result<(), AppError> {
     let settings = Settings {
         plans,
         audit_retention_days: args.audit_retention_days,
+        usage_retention_days: args.usage_retention_days,
+        alerts: load_alerts(&args)?,
     };
     let pepper = load_pepper(&args)?;
     if args.redis_url.is_empty() {

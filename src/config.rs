@@ -129,6 +129,19 @@ pub struct ServeArgs {
     #[arg(long, env = "SENDABLE_KEYS_PLANS_FILE")]
     pub plans_file: Option<PathBuf>,
 
+    /// Days usage statistics are kept (after the day they count).
+    #[arg(long, env = "SENDABLE_KEYS_USAGE_RETENTION_DAYS", default_value_t = 90,
+          value_parser = clap::value_parser!(u32).range(1..=3650))]
+    pub usage_retention_days: u32,
+
+    /// TOML file with alert thresholds.
+    #[arg(long, env = "SENDABLE_KEYS_ALERTS_FILE")]
+    pub alerts_file: Option<PathBuf>,
+
+    /// How often a WatchAlerts stream re-evaluates its session's alerts.
+    #[arg(long, env = "SENDABLE_KEYS_ALERT_POLL_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub alert_poll_interval: Duration,
+
     /// Days audit events are kept.
     #[arg(long, env = "SENDABLE_KEYS_AUDIT_RETENTION_DAYS", default_value_t = 365,
           value_parser = clap::value_parser!(u32).range(1..=3650))]
@@ -168,6 +181,9 @@ impl std::fmt::Debug for ServeArgs {
             .field("pepper", &self.pepper.as_ref().map(|_| "<redacted>"))
             .field("pepper_file", &self.pepper_file)
             .field("plans_file", &self.plans_file)
+            .field("usage_retention_days", &self.usage_retention_days)
+            .field("alerts_file", &self.alerts_file)
+            .field("alert_poll_interval", &self.alert_poll_interval)
             .field("audit_retention_days", &self.audit_retention_days)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("health_interval", &self.health_interval)

@@ -14,6 +14,7 @@ pub mod ratelimit;
 pub mod session;
 pub mod shard;
 pub mod time;
+pub mod usage;
 
 pub use apikey::{KeyRecord, KeyState, KeyStatus, ROTATED_REASON};
 pub use audit::{Actor, AuditAction, AuditEntry, AuditEvent};

@@ -123,6 +123,18 @@ pub fn peek(state: WindowState, now: Millis, limit: u32) -> (u32, u32, Millis) {
     (used, remaining as u32, weight as Millis)
 }
 
+/// The unrounded share of `limit` the window holds at `now` (0 when there is no limit): what
+/// the near-rate-limit alert compares with its thresholds.
+pub fn used_fraction(state: WindowState, now: Millis, limit: u32) -> f64 {
+    if limit == 0 {
+        return 0.0;
+    }
+    let (_, elapsed, current, previous) = roll(state, now);
+    let used_scaled =
+        current as f64 * WINDOW_MS as f64 + previous as f64 * (WINDOW_MS - elapsed) as f64;
+    used_scaled / (f64::from(limit) * WINDOW_MS as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,6 +39,11 @@ impl UtcDate {
         UtcDate(self.0 + 1)
     }
 
+    /// Every day from `from` to `to`, both included.
+    pub fn range(from: UtcDate, to: UtcDate) -> impl Iterator<Item = UtcDate> {
+        (from.0..=to.0).map(UtcDate)
+    }
+
     /// Parses exactly `YYYY-MM-DD` (four-digit year 1970-9999, real month and day).
     pub fn parse(text: &str) -> Option<Self> {
         let bytes = text.as_bytes();

@@ -5,6 +5,7 @@
 pub mod convert;
 pub mod key_service;
 pub mod status;
+pub mod usage_service;
 
 /// Generated protobuf and tonic code for `sendable.keys.v1`.
 pub mod pb {
@@ -17,3 +18,4 @@ pub mod pb {
 }
 
 pub use key_service::KeyGrpc;
+pub use usage_service::UsageGrpc;

@@ -130,6 +130,14 @@ impl<S: Store> KeyService<S> {
         self.clock.now_ms()
     }
 
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
     /// Refuses limits that leave a session without a rate limit.
     fn check_effective(&self, session: &SessionRecord) -> Result<()> {
         if self
@@ -615,6 +623,8 @@ impl<S: Store> KeyService<S> {
         let parsed = match key::parse(presented) {
             Ok(parsed) => parsed,
             Err(reason) => {
+                metrics::counter!("sendable_keys_verify_decisions_total", "decision" => Decision::Malformed.name())
+                    .increment(1);
                 return Ok(Verified {
                     outcome: VerifyOutcome::unattributed(Decision::Malformed, None),
                     malformed: Some(reason),
@@ -629,9 +639,12 @@ impl<S: Store> KeyService<S> {
             cost: cost.max(1),
             now: self.now(),
             plan_rate_limits: self.plans().rate_limits(),
+            usage_retention_days: self.settings.usage_retention_days,
         };
         let mut outcome = self.store.verify(&request).await?;
         outcome.key_id = Some(parsed.key_id);
+        metrics::counter!("sendable_keys_verify_decisions_total", "decision" => outcome.decision.name())
+            .increment(1);
         Ok(Verified {
             outcome,
             malformed: None,

@@ -4,9 +4,12 @@
 pub mod clock;
 pub mod keys;
 pub mod paging;
+pub mod usage;
 
 pub use keys::KeyService;
+pub use usage::UsageService;
 
+use crate::domain::usage::AlertThresholds;
 use crate::domain::{DomainError, PlanTable};
 use crate::store::StoreError;
 
@@ -16,6 +19,9 @@ pub struct Settings {
     pub plans: PlanTable,
     /// How long audit events are kept.
     pub audit_retention_days: u32,
+    /// How long usage counters are kept (days after the day they count).
+    pub usage_retention_days: u32,
+    pub alerts: AlertThresholds,
 }
 
 impl Default for Settings {
@@ -23,6 +29,8 @@ impl Default for Settings {
         Settings {
             plans: PlanTable::default(),
             audit_retention_days: 365,
+            usage_retention_days: 90,
+            alerts: AlertThresholds::default(),
         }
     }
 }

@@ -7,19 +7,23 @@
 //! (key limit, rotate, the verify check-and-count) is atomic, while unrelated sessions never
 //! contend. Critical sections are short and never await, so `std::sync::Mutex` is right here.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::{
-    AuditStore, InsertKey, KeyCursor, KeyStore, NewKey, ReplaceSession, RotateKey, SessionStore,
-    Store, StoreResult, VerifyRequest,
+    AlertChange, AuditStore, InsertKey, KeyCursor, KeyStore, NewKey, RecentActivity,
+    ReplaceSession, RotateKey, SessionStore, Store, StoreResult, UsageStore, VerifyRequest,
 };
 use crate::domain::audit::parse_event_id;
 use crate::domain::ratelimit::{self, WindowState};
 use crate::domain::shard::SHARDS;
+use crate::domain::usage::{
+    AlertKind, DayCounters, MINUTE_RETENTION_MS, MinuteCounters, Outcome, minute_of,
+    oldest_kept_day,
+};
 use crate::domain::{
     AuditEntry, AuditEvent, Decision, KeyHash, KeyId, KeyRecord, KeyState, KeyStatus, Millis,
-    ROTATED_REASON, SessionId, SessionRecord, VerifyOutcome,
+    ROTATED_REASON, SessionId, SessionRecord, UtcDate, VerifyOutcome,
 };
 
 #[derive(Default)]
@@ -39,6 +43,45 @@ struct KeyEntry {
     hash: KeyHash,
     hash_version: u8,
     window: WindowState,
+    /// Usage per UTC day, pruned to the retention on write and filtered by it on read (the
+    /// equivalent of the Redis TTLs).
+    days: BTreeMap<UtcDate, DayCounters>,
+    /// Per-minute counters for alerts (minute index -> counters), pruned to two hours.
+    minutes: BTreeMap<i64, MinuteCounters>,
+    /// Firing alerts and since when.
+    alerts: BTreeMap<AlertKind, Millis>,
+}
+
+impl KeyEntry {
+    fn day(&mut self, at: Millis, now: Millis, retention_days: u32) -> &mut DayCounters {
+        let oldest = oldest_kept_day(now, retention_days);
+        while self
+            .days
+            .first_key_value()
+            .is_some_and(|(d, _)| *d < oldest)
+        {
+            self.days.pop_first();
+        }
+        self.days.entry(UtcDate::from_millis(at)).or_default()
+    }
+
+    fn minute(&mut self, at: Millis, now: Millis) -> &mut MinuteCounters {
+        let oldest = minute_of(now - MINUTE_RETENTION_MS);
+        while self
+            .minutes
+            .first_key_value()
+            .is_some_and(|(m, _)| *m < oldest)
+        {
+            self.minutes.pop_first();
+        }
+        self.minutes.entry(minute_of(at)).or_default()
+    }
+
+    /// Counts an attributed VerifyKey decision.
+    fn count(&mut self, decision: Decision, now: Millis, retention_days: u32) {
+        self.day(now, now, retention_days).decisions[usize::from(decision.code())] += 1;
+        self.minute(now, now).requests += 1;
+    }
 }
 
 /// Most audit events kept per session, whatever the retention: bounds memory.
@@ -101,6 +144,9 @@ impl Shard {
                 hash: key.hash,
                 hash_version: key.hash_version,
                 window: WindowState::default(),
+                days: BTreeMap::new(),
+                minutes: BTreeMap::new(),
+                alerts: BTreeMap::new(),
             },
         );
         if let Some(entry) = self.sessions.get_mut(&key.record.session_id) {
@@ -233,6 +279,7 @@ impl KeyStore for MemoryStore {
             key.record.state = KeyState::Revoked;
             key.record.revoke_ms = Some(now);
             key.record.revoke_reason = reason.to_owned();
+            key.alerts.clear();
         }
         Ok(Some(key.record.clone()))
     }
@@ -264,6 +311,9 @@ impl KeyStore for MemoryStore {
         let Some(old_entry) = shard.keys.get_mut(old) else {
             return Ok(RotateKey::NotFound);
         };
+        if old_expires_at.is_none() {
+            old_entry.alerts.clear();
+        }
         let record = &mut old_entry.record;
         record.replaced_by = Some(new.record.id);
         match old_expires_at {
@@ -317,7 +367,8 @@ impl KeyStore for MemoryStore {
             plan: Some(session.plan),
             rate_limit: None,
         };
-        if decision.is_some() {
+        if let Some(decision) = decision {
+            key.count(decision, now, request.usage_retention_days);
             return Ok(outcome);
         }
         let limit = session
@@ -331,7 +382,109 @@ impl KeyStore for MemoryStore {
             Decision::RateLimited
         };
         outcome.rate_limit = Some(admission.rate);
+        key.count(outcome.decision, now, request.usage_retention_days);
         Ok(outcome)
+    }
+}
+
+impl UsageStore for MemoryStore {
+    async fn record_outcomes(
+        &self,
+        outcomes: &[Outcome],
+        now: Millis,
+        retention_days: u32,
+    ) -> StoreResult<u32> {
+        let mut accepted = 0;
+        for outcome in outcomes {
+            let mut shard = self.shard(outcome.key_id.shard());
+            let Some(key) = shard.keys.get_mut(&outcome.key_id) else {
+                continue;
+            };
+            accepted += 1;
+            key.day(outcome.time_ms, now, retention_days)
+                .record(outcome);
+            if outcome.time_ms >= now - MINUTE_RETENTION_MS {
+                let minute = key.minute(outcome.time_ms, now);
+                minute.outcomes += 1;
+                minute.errors += u64::from(!outcome.success);
+            }
+        }
+        Ok(accepted)
+    }
+
+    async fn usage_days(
+        &self,
+        keys: &[KeyId],
+        from: UtcDate,
+        to: UtcDate,
+    ) -> StoreResult<Vec<Vec<DayCounters>>> {
+        Ok(keys
+            .iter()
+            .map(|id| {
+                let shard = self.shard(id.shard());
+                let entry = shard.keys.get(id);
+                UtcDate::range(from, to)
+                    .map(|day| {
+                        entry
+                            .and_then(|k| k.days.get(&day).cloned())
+                            .unwrap_or_default()
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
+    async fn recent_activity(
+        &self,
+        keys: &[KeyId],
+        now: Millis,
+        minutes: usize,
+    ) -> StoreResult<Vec<RecentActivity>> {
+        let last = minute_of(now);
+        let first = last - minutes as i64 + 1;
+        let oldest = minute_of(now - MINUTE_RETENTION_MS);
+        Ok(keys
+            .iter()
+            .map(|id| {
+                let shard = self.shard(id.shard());
+                let Some(key) = shard.keys.get(id) else {
+                    return RecentActivity {
+                        minutes: vec![MinuteCounters::default(); minutes],
+                        ..RecentActivity::default()
+                    };
+                };
+                RecentActivity {
+                    window: key.window,
+                    minutes: (first..=last)
+                        .map(|m| {
+                            if m < oldest {
+                                MinuteCounters::default()
+                            } else {
+                                key.minutes.get(&m).copied().unwrap_or_default()
+                            }
+                        })
+                        .collect(),
+                    firing: key.alerts.iter().map(|(k, since)| (*k, *since)).collect(),
+                }
+            })
+            .collect())
+    }
+
+    async fn update_alerts(&self, changes: &[AlertChange]) -> StoreResult<()> {
+        for change in changes {
+            let mut shard = self.shard(change.key_id.shard());
+            if let Some(key) = shard.keys.get_mut(&change.key_id) {
+                match change.since {
+                    Some(since) => {
+                        key.alerts.entry(change.kind).or_insert(since);
+                    }
+                    None => {
+                        key.alerts.remove(&change.kind);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 

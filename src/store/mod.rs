@@ -11,9 +11,11 @@
 
 use std::future::Future;
 
+use crate::domain::ratelimit::WindowState;
+use crate::domain::usage::{AlertKind, DayCounters, MinuteCounters, Outcome};
 use crate::domain::{
     AuditEntry, AuditEvent, Environment, KeyHash, KeyId, KeyRecord, Millis, Plan, SessionId,
-    SessionRecord, VerifyOutcome,
+    SessionRecord, UtcDate, VerifyOutcome,
 };
 
 pub mod memory;
@@ -107,6 +109,8 @@ pub struct VerifyRequest {
     pub now: Millis,
     /// Per-plan default rate limits (plan-code order, 0 = none), from the live plan table.
     pub plan_rate_limits: [u32; 4],
+    /// Days usage counters are kept (the counting happens in the same atomic step).
+    pub usage_retention_days: u32,
 }
 
 /// A key to insert, with its hash.
@@ -190,6 +194,56 @@ pub trait KeyStore: Send + Sync + 'static {
     ) -> impl Future<Output = StoreResult<VerifyOutcome>> + Send;
 }
 
+/// What the alerts need to know about one key, read in one go.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecentActivity {
+    pub window: WindowState,
+    /// Per-minute counters, oldest first, the last being the current minute.
+    pub minutes: Vec<MinuteCounters>,
+    /// Alerts recorded as firing, with the time they started.
+    pub firing: Vec<(AlertKind, Millis)>,
+}
+
+/// An alert state change to store: `Some(since)` fires, `None` resolves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AlertChange {
+    pub key_id: KeyId,
+    pub kind: AlertKind,
+    pub since: Option<Millis>,
+}
+
+pub trait UsageStore: Send + Sync + 'static {
+    /// Counts outcomes whose key exists (others are skipped) into their key's day and, when
+    /// recent enough, minute counters. Returns how many were stored.
+    fn record_outcomes(
+        &self,
+        outcomes: &[Outcome],
+        now: Millis,
+        retention_days: u32,
+    ) -> impl Future<Output = StoreResult<u32>> + Send;
+
+    /// For each key, the counters of each day in `from..=to` (zeros where nothing is kept).
+    fn usage_days(
+        &self,
+        keys: &[KeyId],
+        from: UtcDate,
+        to: UtcDate,
+    ) -> impl Future<Output = StoreResult<Vec<Vec<DayCounters>>>> + Send;
+
+    /// For each key: its window, the last `minutes` minutes of counters, its firing alerts.
+    fn recent_activity(
+        &self,
+        keys: &[KeyId],
+        now: Millis,
+        minutes: usize,
+    ) -> impl Future<Output = StoreResult<Vec<RecentActivity>>> + Send;
+
+    fn update_alerts(
+        &self,
+        changes: &[AlertChange],
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+}
+
 pub trait AuditStore: Send + Sync + 'static {
     /// Appends an entry to its session's log and drops entries older than `retention_ms`;
     /// returns the new event's id.
@@ -210,7 +264,7 @@ pub trait AuditStore: Send + Sync + 'static {
 }
 
 /// Everything the service needs, plus a liveness probe for the health service.
-pub trait Store: SessionStore + KeyStore + AuditStore {
+pub trait Store: SessionStore + KeyStore + UsageStore + AuditStore {
     /// Cheap round trip proving the store answers.
     fn ping(&self) -> impl Future<Output = StoreResult<()>> + Send;
 

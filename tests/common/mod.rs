@@ -157,6 +157,7 @@ impl TestServer {
         let (tx, rx) = oneshot::channel::<()>();
         let options = ServeOptions {
             health_interval: Duration::from_millis(100),
+            alert_poll_interval: Duration::from_millis(20),
             ..ServeOptions::default()
         };
         let handle = tokio::spawn(async move {
@@ -214,6 +215,10 @@ impl TestServer {
             .expect("health status reached in time");
     }
 
+    pub fn usage(&self) -> pb::usage_service_client::UsageServiceClient<Channel> {
+        pb::usage_service_client::UsageServiceClient::new(self.channel.clone())
+    }
+
     pub fn keys(&self) -> KeyServiceClient<Channel> {
         KeyServiceClient::new(self.channel.clone())
     }
@@ -225,6 +230,15 @@ impl TestServer {
         }
         if let Some(handle) = self.handle.take() {
             let _ = handle.await;
+        }
+    }
+
+    /// A redis-rs connection to (one node of) this server's Redis, for white-box checks.
+    pub fn redis_urls(&self) -> Vec<String> {
+        match self.backend {
+            Backend::Memory => Vec::new(),
+            Backend::Redis => vec![redis::standalone().url()],
+            Backend::Cluster => redis::cluster().urls(),
         }
     }
 

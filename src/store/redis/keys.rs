@@ -12,7 +12,21 @@
 //!                                            score expire ms or +inf)
 //! <prefix>:{<shard>}:audit:<session id> STREAM the session's audit log (trimmed by age, with
 //!                                            a TTL of the retention period)
+//! <prefix>:{<shard>}:u:<key id>:<YYYYMMDD> HASH one key's usage on one UTC day: `d<code>` calls
+//!                                            per decision, `s`/`e` successes/errors, `rt` sum
+//!                                            and `mx` max of response times (us), `h<i>`
+//!                                            histogram buckets, `c:<code>` errors per code.
+//!                                            TTL: the retention after the day ends
+//! <prefix>:{<shard>}:m:<key id>:<hour>  HASH  attributed calls per minute of that hour (field
+//!                                            = minute 0-59), kept two hours past the hour
+//! <prefix>:{<shard>}:o:<key id>:<hour>  HASH  outcomes `t<minute>` and failed ones `e<minute>`
+//! <prefix>:{<shard>}:al:<key id>        HASH  firing alerts: kind -> since (ms)
 //! ```
+//!
+//! `<hour>` is hours since the epoch. Minute counters are split from day counters because
+//! alerts need minute resolution only for about an hour; keeping 1440 fields per day for 90
+//! days would cost far more than the day hash itself. Requests and outcomes use separate hashes
+//! so each stays under 128 fields, the limit of Redis's compact listpack encoding.
 //!
 //! `<shard>` is `shard_of(id) = CRC16(id) mod 1024`, in decimal, used as the **hash tag**: Redis
 //! Cluster places a key by the text between `{` and `}`, so everything that carries the same
@@ -75,6 +89,31 @@ impl Keys {
 }
 
 impl Keys {
+    /// A key's usage counters for one UTC day.
+    pub fn usage_day(&self, id: &KeyId, day: crate::domain::UtcDate) -> String {
+        format!(
+            "{}:{{{}}}:u:{id}:{}",
+            self.prefix,
+            id.shard(),
+            day.compact()
+        )
+    }
+
+    /// A key's per-minute request counters for one hour (hours since the epoch).
+    pub fn minute_requests(&self, id: &KeyId, hour: i64) -> String {
+        format!("{}:{{{}}}:m:{id}:{hour}", self.prefix, id.shard())
+    }
+
+    /// A key's per-minute outcome counters for one hour.
+    pub fn minute_outcomes(&self, id: &KeyId, hour: i64) -> String {
+        format!("{}:{{{}}}:o:{id}:{hour}", self.prefix, id.shard())
+    }
+
+    /// A key's firing alerts.
+    pub fn alerts(&self, id: &KeyId) -> String {
+        format!("{}:{{{}}}:al:{id}", self.prefix, id.shard())
+    }
+
     /// A session's audit log.
     pub fn audit(&self, session: &SessionId) -> String {
         format!("{}:{{{}}}:audit:{session}", self.prefix, session.shard())

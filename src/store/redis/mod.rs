@@ -18,6 +18,7 @@
 pub mod keys;
 pub mod scripts;
 
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,12 +33,18 @@ use redis::{
 
 use self::keys::{Keys, index_member, parse_index_member};
 use super::{
-    AuditStore, InsertKey, KeyCursor, KeyStore, NewKey, ReplaceSession, RotateKey, SessionStore,
-    Store, StoreError, StoreResult, VerifyRequest,
+    AlertChange, AuditStore, InsertKey, KeyCursor, KeyStore, NewKey, RecentActivity,
+    ReplaceSession, RotateKey, SessionStore, Store, StoreError, StoreResult, UsageStore,
+    VerifyRequest,
+};
+use crate::domain::ratelimit::WindowState;
+use crate::domain::time::{MILLIS_PER_DAY, MILLIS_PER_HOUR};
+use crate::domain::usage::{
+    AlertKind, DayCounters, MINUTE_RETENTION_MS, MinuteCounters, Outcome, bucket_of, minute_of,
 };
 use crate::domain::{
     AuditEntry, AuditEvent, Decision, Environment, KeyId, KeyRecord, KeyState, Millis, Plan,
-    ROTATED_REASON, RateLimitState, SessionId, SessionRecord, VerifyOutcome,
+    ROTATED_REASON, RateLimitState, SessionId, SessionRecord, UtcDate, VerifyOutcome,
 };
 
 /// How to reach Redis.
@@ -368,7 +375,7 @@ fn parse_record(id: KeyId, fields: &[Option<String>]) -> StoreResult<Option<KeyR
             .ok_or_else(bad)?,
         name: n.clone().unwrap_or_default(),
         state: match st.as_deref() {
-            Some("a") => KeyState::Active,
+            None => KeyState::Active,
             Some("r") => KeyState::Revoked,
             _ => return Err(bad()),
         },
@@ -382,6 +389,30 @@ fn parse_record(id: KeyId, fields: &[Option<String>]) -> StoreResult<Option<KeyR
             .map(|v| KeyId::parse(v).ok_or_else(bad))
             .transpose()?,
     }))
+}
+
+/// The stored hash: the version byte, then the hash, so the script compares both at once.
+fn versioned(version: u8, hash: &crate::domain::KeyHash) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(33);
+    bytes.push(version);
+    bytes.extend_from_slice(&hash.0);
+    bytes
+}
+
+/// The packed window `<index>:<current>:<previous>` (absent: a key never admitted).
+fn parse_window(packed: Option<&str>) -> StoreResult<WindowState> {
+    let Some(packed) = packed else {
+        return Ok(WindowState::default());
+    };
+    let mut parts = packed.split(':').map(str::parse::<u64>);
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(Ok(window)), Some(Ok(current)), Some(Ok(previous)), None) => Ok(WindowState {
+            window: window as i64,
+            current,
+            previous,
+        }),
+        _ => Err(corrupt("window")),
+    }
 }
 
 /// Decodes a script reply array of (possibly nil) bulk strings.
@@ -489,8 +520,7 @@ impl KeyStore for RedisStore {
                     .arg(r.session_id.as_str())
                     .arg(r.id.as_str())
                     .arg(r.environment.code())
-                    .arg(&key.hash.0[..])
-                    .arg(key.hash_version)
+                    .arg(versioned(key.hash_version, &key.hash))
                     .arg(&r.name)
                     .arg(r.create_ms)
                     .arg(r.expire_ms.map(|x| x.to_string()).unwrap_or_default())
@@ -589,7 +619,11 @@ impl KeyStore for RedisStore {
         reason: &str,
         now: Millis,
     ) -> StoreResult<Option<KeyRecord>> {
-        let names = [self.keys.key(id), self.keys.active(session)];
+        let names = [
+            self.keys.key(id),
+            self.keys.active(session),
+            self.keys.alerts(id),
+        ];
         let reply: Value = self
             .run(|mut c| async move {
                 scripts::REVOKE_KEY
@@ -621,6 +655,7 @@ impl KeyStore for RedisStore {
             self.keys.key(&r.id),
             self.keys.index(&r.session_id),
             self.keys.active(&r.session_id),
+            self.keys.alerts(old),
         ];
         let reply: Vec<Value> = self
             .run(|mut c| async move {
@@ -631,8 +666,7 @@ impl KeyStore for RedisStore {
                     .arg(r.id.as_str())
                     .arg(r.session_id.as_str())
                     .arg(r.environment.code())
-                    .arg(&new.hash.0[..])
-                    .arg(new.hash_version)
+                    .arg(versioned(new.hash_version, &new.hash))
                     .arg(&r.name)
                     .arg(r.expire_ms.map(|x| x.to_string()).unwrap_or_default())
                     .arg(index_member(r.create_ms, &r.id))
@@ -663,25 +697,80 @@ impl KeyStore for RedisStore {
     }
 
     async fn verify(&self, request: &VerifyRequest) -> StoreResult<VerifyOutcome> {
-        let key_name = self.keys.key(&request.key_id);
-        let table = self.keys.sessions(request.key_id.shard());
+        let id = &request.key_id;
+        let now = request.now;
+        let today = UtcDate::from_millis(now);
+        let hour = now.div_euclid(MILLIS_PER_HOUR);
+        let names = [
+            self.keys.key(id),
+            self.keys.sessions(id.shard()),
+            self.keys.usage_day(id, today),
+            self.keys.minute_requests(id, hour),
+        ];
         let reply: Vec<Value> = self
             .run(|mut c| async move {
                 let mut inv = scripts::VERIFY.prepare_invoke();
-                inv.key(&key_name)
-                    .key(&table)
-                    .arg(&request.hash.0[..])
-                    .arg(request.hash_version)
-                    .arg(request.now)
+                inv.key(&names[..])
+                    .arg(versioned(request.hash_version, &request.hash))
+                    .arg(now)
                     .arg(request.cost)
                     .arg(request.expected_environment.map_or(0, Environment::code))
-                    .arg(&request.plan_rate_limits[..]);
+                    .arg(&request.plan_rate_limits[..])
+                    .arg(day_ttl_secs(today, now, request.usage_retention_days))
+                    .arg(minute_of(now).rem_euclid(60))
+                    .arg(minute_ttl_secs(hour, now));
                 inv.invoke_async(&mut c).await
             })
             .await?;
         decode_verify(&reply)
     }
 }
+
+/// Seconds a usage-day hash lives from `now`: until `retention_days` after its day ends.
+fn day_ttl_secs(day: UtcDate, now: Millis, retention_days: u32) -> i64 {
+    let end = day.start_millis() + (i64::from(retention_days) + 1) * MILLIS_PER_DAY;
+    ((end - now) / 1000).max(1)
+}
+
+/// Seconds an hour's minute counters live from `now`: two hours past the hour's end.
+fn minute_ttl_secs(hour: i64, now: Millis) -> i64 {
+    (((hour + 1) * MILLIS_PER_HOUR + MINUTE_RETENTION_MS - now) / 1000).max(1)
+}
+
+/// Reads a usage-day hash (HGETALL pairs).
+fn parse_day(pairs: &[(String, String)]) -> StoreResult<DayCounters> {
+    let bad = || corrupt("usage");
+    let mut day = DayCounters::default();
+    for (field, value) in pairs {
+        let n: u64 = value.parse().map_err(|_| bad())?;
+        if let Some(code) = field.strip_prefix("c:") {
+            day.error_codes.insert(code.to_owned(), n);
+        } else if let Some(i) = field.strip_prefix('d') {
+            let i: usize = i.parse().map_err(|_| bad())?;
+            *day.decisions.get_mut(i).ok_or_else(bad)? = n;
+        } else if let Some(i) = field.strip_prefix('h') {
+            let i: usize = i.parse().map_err(|_| bad())?;
+            *day.buckets.get_mut(i).ok_or_else(bad)? = n;
+        } else {
+            match field.as_str() {
+                "s" => day.successes = n,
+                "e" => day.errors = n,
+                "rt" => day.response_time_sum_us = n,
+                "mx" => day.response_time_max_us = n,
+                _ => return Err(bad()),
+            }
+        }
+    }
+    Ok(day)
+}
+
+fn pairs(value: &Value) -> StoreResult<Vec<(String, String)>> {
+    redis::from_redis_value_ref(value).map_err(|_| corrupt("hash"))
+}
+
+/// Commands per pipeline when reading many keys' usage: large enough to amortise round
+/// trips, small enough not to stall Redis for other clients.
+const PIPELINE_CHUNK: usize = 512;
 
 fn decode_verify(reply: &[Value]) -> StoreResult<VerifyOutcome> {
     let bad = || corrupt("verify reply");
@@ -721,6 +810,231 @@ fn decode_verify(reply: &[Value]) -> StoreResult<VerifyOutcome> {
         rate_limit,
     })
 }
+
+impl UsageStore for RedisStore {
+    async fn record_outcomes(
+        &self,
+        outcomes: &[Outcome],
+        now: Millis,
+        retention_days: u32,
+    ) -> StoreResult<u32> {
+        // One script per shard: everything a script touches must share its slot.
+        let mut by_shard: BTreeMap<u16, Vec<&Outcome>> = BTreeMap::new();
+        for outcome in outcomes {
+            by_shard
+                .entry(outcome.key_id.shard())
+                .or_default()
+                .push(outcome);
+        }
+        let mut calls = Vec::with_capacity(by_shard.len());
+        for group in by_shard.values() {
+            let mut names: Vec<String> = Vec::new();
+            let mut index: HashMap<String, usize> = HashMap::new();
+            let mut intern = |name: String| -> usize {
+                *index.entry(name.clone()).or_insert_with(|| {
+                    names.push(name);
+                    names.len()
+                })
+            };
+            let mut args: Vec<String> = vec![group.len().to_string()];
+            for o in group {
+                let day = UtcDate::from_millis(o.time_ms);
+                let hour = o.time_ms.div_euclid(MILLIS_PER_HOUR);
+                let record = intern(self.keys.key(&o.key_id));
+                let day_hash = intern(self.keys.usage_day(&o.key_id, day));
+                let minute_hash = if o.time_ms >= now - MINUTE_RETENTION_MS {
+                    intern(self.keys.minute_outcomes(&o.key_id, hour))
+                } else {
+                    0
+                };
+                args.extend([
+                    record.to_string(),
+                    day_hash.to_string(),
+                    minute_hash.to_string(),
+                    day_ttl_secs(day, now, retention_days).to_string(),
+                    minute_ttl_secs(hour, now).to_string(),
+                    if o.success {
+                        String::new()
+                    } else {
+                        o.error_code.clone()
+                    },
+                    o.response_time_us.to_string(),
+                    bucket_of(o.response_time_us).to_string(),
+                    minute_of(o.time_ms).rem_euclid(60).to_string(),
+                ]);
+            }
+            calls.push((names, args));
+        }
+        // The shards' scripts go out together; the multiplexed connections pipeline them.
+        let results = futures_util::future::join_all(calls.iter().map(|(names, args)| {
+            self.run(move |mut c| async move {
+                let mut inv = scripts::RECORD_OUTCOMES.prepare_invoke();
+                inv.key(&names[..]).arg(&args[..]);
+                inv.invoke_async::<u32>(&mut c).await
+            })
+        }))
+        .await;
+        let mut accepted = 0;
+        for result in results {
+            accepted += result?;
+        }
+        Ok(accepted)
+    }
+
+    async fn usage_days(
+        &self,
+        keys: &[KeyId],
+        from: UtcDate,
+        to: UtcDate,
+    ) -> StoreResult<Vec<Vec<DayCounters>>> {
+        let days: Vec<UtcDate> = UtcDate::range(from, to).collect();
+        let names: Vec<String> = keys
+            .iter()
+            .flat_map(|id| days.iter().map(|d| self.keys.usage_day(id, *d)))
+            .collect();
+        let mut counters = Vec::with_capacity(names.len());
+        for chunk in names.chunks(PIPELINE_CHUNK) {
+            let replies: Vec<Value> = self
+                .run(|mut c| async move {
+                    let mut pipe = redis::pipe();
+                    for name in chunk {
+                        pipe.cmd("HGETALL").arg(name);
+                    }
+                    pipe.query_async(&mut c).await
+                })
+                .await?;
+            for reply in &replies {
+                counters.push(parse_day(&pairs(reply)?)?);
+            }
+        }
+        let per_key = days.len().max(1);
+        let mut out = Vec::with_capacity(keys.len());
+        let mut rest = counters.into_iter();
+        for _ in keys {
+            out.push(rest.by_ref().take(per_key).collect());
+        }
+        Ok(out)
+    }
+
+    async fn recent_activity(
+        &self,
+        keys: &[KeyId],
+        now: Millis,
+        minutes: usize,
+    ) -> StoreResult<Vec<RecentActivity>> {
+        let last = minute_of(now);
+        let first = last - minutes as i64 + 1;
+        let oldest = minute_of(now - MINUTE_RETENTION_MS);
+        let hours: Vec<i64> = ((first.div_euclid(60))..=(last.div_euclid(60))).collect();
+        let mut out = Vec::with_capacity(keys.len());
+        // Per key: HMGET window, HGETALL alerts, then HGETALL requests + outcomes per hour.
+        let per_key = 2 + 2 * hours.len();
+        let hours = &hours;
+        for chunk in keys.chunks((PIPELINE_CHUNK / per_key).max(1)) {
+            let replies: Vec<Value> = self
+                .run(|mut c| async move {
+                    let mut pipe = redis::pipe();
+                    for id in chunk {
+                        pipe.cmd("HGET").arg(self.keys.key(id)).arg("w");
+                        pipe.cmd("HGETALL").arg(self.keys.alerts(id));
+                        for hour in hours {
+                            pipe.cmd("HGETALL")
+                                .arg(self.keys.minute_requests(id, *hour));
+                            pipe.cmd("HGETALL")
+                                .arg(self.keys.minute_outcomes(id, *hour));
+                        }
+                    }
+                    pipe.query_async(&mut c).await
+                })
+                .await?;
+            for replies in replies.chunks(per_key) {
+                let window = match redis::from_redis_value_ref::<Option<String>>(&replies[0]) {
+                    Ok(packed) => parse_window(packed.as_deref())?,
+                    Err(_) => return Err(corrupt("window")),
+                };
+                let firing = pairs(&replies[1])?
+                    .into_iter()
+                    .filter_map(|(kind, since)| {
+                        Some((AlertKind::from_code(&kind)?, since.parse().ok()?))
+                    })
+                    .collect();
+                let mut by_minute: HashMap<i64, MinuteCounters> = HashMap::new();
+                for (i, hour) in hours.iter().enumerate() {
+                    for (field, value) in pairs(&replies[2 + 2 * i])? {
+                        let minute =
+                            hour * 60 + field.parse::<i64>().map_err(|_| corrupt("minutes"))?;
+                        by_minute.entry(minute).or_default().requests =
+                            value.parse().map_err(|_| corrupt("minutes"))?;
+                    }
+                    for (field, value) in pairs(&replies[3 + 2 * i])? {
+                        let (kind, m) = field.split_at(1);
+                        let minute =
+                            hour * 60 + m.parse::<i64>().map_err(|_| corrupt("minutes"))?;
+                        let n: u64 = value.parse().map_err(|_| corrupt("minutes"))?;
+                        let entry = by_minute.entry(minute).or_default();
+                        match kind {
+                            "t" => entry.outcomes = n,
+                            "e" => entry.errors = n,
+                            _ => return Err(corrupt("minutes")),
+                        }
+                    }
+                }
+                out.push(RecentActivity {
+                    window,
+                    minutes: (first..=last)
+                        .map(|m| {
+                            if m < oldest {
+                                MinuteCounters::default()
+                            } else {
+                                by_minute.get(&m).copied().unwrap_or_default()
+                            }
+                        })
+                        .collect(),
+                    firing,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn update_alerts(&self, changes: &[AlertChange]) -> StoreResult<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        // A firing alert's start is kept (HSETNX); the hash expires if nothing touches it for
+        // 30 days, which collects the state of keys that expired while an alert was firing.
+        let names: Vec<String> = changes
+            .iter()
+            .map(|c| self.keys.alerts(&c.key_id))
+            .collect();
+        self.run(|mut c| async move {
+            let mut pipe = redis::pipe();
+            for (change, name) in changes.iter().zip(&names) {
+                match change.since {
+                    Some(since) => {
+                        pipe.cmd("HSETNX")
+                            .arg(name)
+                            .arg(change.kind.code())
+                            .arg(since)
+                            .ignore();
+                        pipe.cmd("EXPIRE")
+                            .arg(name)
+                            .arg(ALERT_STATE_TTL_SECS)
+                            .ignore();
+                    }
+                    None => {
+                        pipe.cmd("HDEL").arg(name).arg(change.kind.code()).ignore();
+                    }
+                }
+            }
+            pipe.query_async::<()>(&mut c).await
+        })
+        .await
+    }
+}
+
+/// How long an untouched alert state hash lives.
+const ALERT_STATE_TTL_SECS: i64 = 30 * 86_400;
 
 impl AuditStore for RedisStore {
     async fn append_audit(&self, entry: &AuditEntry, retention_ms: Millis) -> StoreResult<String> {

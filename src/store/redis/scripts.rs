@@ -14,10 +14,12 @@
 //! restart, a failover to a replica that never saw SCRIPT LOAD, or a SCRIPT FLUSH costs one
 //! extra round trip, once, on that node.
 //!
-//! Key record fields: `h` hash (32 raw bytes), `hv` hash version, `s` session id, `e`
-//! environment code, `n` name, `st` state (`a` active / `r` revoked), `ct` created ms, `lu` last
-//! used ms, `x` expire ms, `rt` revoked ms, `rr` revoke reason, `rb` replaced by (key id), and
-//! the sliding window: `rw` window index, `rc` current count, `rp` previous count.
+//! Key record fields: `h` hash (one version byte, then the 32-byte hash, so one comparison
+//! checks both), `s` session id, `e` environment code, `n` name (absent if empty), `st` state
+//! (absent = active, `r` = revoked), `ct` created ms, `lu` last used ms, `x` expire ms, `rt`
+//! revoked ms, `rr` revoke reason, `rb` replaced by (key id), and the sliding window `w` =
+//! `<window index>:<current count>:<previous count>`. Short names, optional fields left out and
+//! the window packed into one field keep a key record near 200 bytes in Redis.
 
 use std::sync::LazyLock;
 
@@ -28,37 +30,53 @@ pub const RECORD_FIELDS: [&str; 10] = ["s", "e", "n", "st", "ct", "lu", "x", "rt
 
 /// VerifyKey. One call, one slot.
 ///
-/// KEYS[1] key record, KEYS[2] the shard's session table.
-/// ARGV[1] presented hash, ARGV[2] hash version, ARGV[3] now (ms), ARGV[4] cost,
-/// ARGV[5] expected environment code (0 = any), ARGV[6..9] default rate limit of plans 1..4
-/// (0 = none).
+/// KEYS[1] key record, KEYS[2] the shard's session table, KEYS[3] the key's usage hash for
+/// today, KEYS[4] the key's per-minute request counters for this hour.
+/// ARGV[1] presented hash (version byte + 32 bytes), ARGV[2] now (ms), ARGV[3] cost,
+/// ARGV[4] expected environment code (0 = any), ARGV[5..8] default rate limit of plans 1..4
+/// (0 = none), ARGV[9] TTL (s) of today's usage hash, ARGV[10] minute of the hour,
+/// ARGV[11] TTL (s) of this hour's minute counters.
 ///
 /// Reply: `{decision}` for NOT_FOUND; `{decision, session id, env, plan}` for decisions that
 /// consume nothing; `{decision, session id, env, plan, limit, remaining, reset_after_ms,
 /// retry_after_ms (-1 = never)}` for VALID and RATE_LIMITED. The window arithmetic mirrors
 /// `domain::ratelimit::admit` line by line (the conformance tests hold them together).
+///
+/// Every decision about a found key is counted (per day and decision, per minute); the
+/// TTLs are set only when a counter is created (HINCRBY answered 1), so a busy key pays for
+/// EXPIRE a handful of times a day, not per call.
 pub static VERIFY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local k = redis.call('HMGET', KEYS[1], 'h', 'hv', 's', 'e', 'st', 'x', 'rw', 'rc', 'rp')
-if k[1] ~= ARGV[1] or k[2] ~= ARGV[2] then return {3} end
-local packed = redis.call('HGET', KEYS[2], k[3])
+local k = redis.call('HMGET', KEYS[1], 'h', 's', 'e', 'st', 'x', 'w')
+if k[1] ~= ARGV[1] then return {3} end
+local packed = redis.call('HGET', KEYS[2], k[2])
 if not packed then return {3} end
 local _, plan, enabled, crl = string.match(packed, '^(%d+):(%d+):(%d+):(%d*):')
-local now = tonumber(ARGV[3])
-local d = 0
-if k[5] == 'r' then d = 4
-elseif k[6] and tonumber(k[6]) <= now then d = 5
-elseif enabled ~= '1' then d = 6
-elseif ARGV[5] ~= '0' and ARGV[5] ~= k[4] then d = 7 end
-if d ~= 0 then
-  redis.call('HSET', KEYS[1], 'lu', ARGV[3])
-  return {d, k[3], k[4], plan}
+local now = tonumber(ARGV[2])
+local function count(d)
+  if redis.call('HINCRBY', KEYS[3], 'd' .. d, 1) == 1 then
+    redis.call('EXPIRE', KEYS[3], ARGV[9])
+  end
+  if redis.call('HINCRBY', KEYS[4], ARGV[10], 1) == 1 then
+    redis.call('EXPIRE', KEYS[4], ARGV[11])
+  end
 end
-local limit = tonumber(crl) or tonumber(ARGV[5 + tonumber(plan)]) or 0
+local d = 0
+if k[4] == 'r' then d = 4
+elseif k[5] and tonumber(k[5]) <= now then d = 5
+elseif enabled ~= '1' then d = 6
+elseif ARGV[4] ~= '0' and ARGV[4] ~= k[3] then d = 7 end
+if d ~= 0 then
+  redis.call('HSET', KEYS[1], 'lu', ARGV[2])
+  count(d)
+  return {d, k[2], k[3], plan}
+end
+local limit = tonumber(crl) or tonumber(ARGV[4 + tonumber(plan)]) or 0
 local W = 60000
 local window = math.floor(now / W)
-local rw, rc, rp = tonumber(k[7]), tonumber(k[8]) or 0, tonumber(k[9]) or 0
+local rw, rc, rp = string.match(k[6] or '', '^(%d+):(%d+):(%d+)$')
+rw, rc, rp = tonumber(rw), tonumber(rc) or 0, tonumber(rp) or 0
 local elapsed, cur, prev
 if rw and rw > window then
   window, elapsed, cur, prev = rw, 0, rc, rp
@@ -69,7 +87,7 @@ else
   else cur, prev = 0, 0 end
 end
 local weight = W - elapsed
-local cost = tonumber(ARGV[4])
+local cost = tonumber(ARGV[3])
 local ps = prev * weight
 local retry = -1
 local decision = 8
@@ -88,8 +106,57 @@ elseif cost <= limit then
 end
 local remaining = math.floor((limit * W - cur * W - ps) / W)
 if remaining < 0 then remaining = 0 end
-redis.call('HSET', KEYS[1], 'lu', ARGV[3], 'rw', window, 'rc', cur, 'rp', prev)
-return {decision, k[3], k[4], plan, limit, remaining, weight, retry}
+redis.call('HSET', KEYS[1], 'lu', ARGV[2], 'w', string.format('%d:%d:%d', window, cur, prev))
+count(decision)
+return {decision, k[2], k[3], plan, limit, remaining, weight, retry}
+"#,
+    )
+});
+
+/// RecordOutcomes for the keys of one shard.
+///
+/// KEYS: the distinct key records, usage-day hashes and minute-outcome hashes the batch
+/// touches. ARGV[1] the number of outcomes, then 9 values per outcome: index in KEYS of its key
+/// record, of its day hash, of its minute hash (0 = too old for minute counters), the day
+/// hash's TTL (s), the minute hash's TTL (s), the error code ('' = success), the response time
+/// (us), its histogram bucket, its minute of the hour.
+///
+/// Reply: how many outcomes were stored. Outcomes of unknown keys are skipped (each key is
+/// checked once), so nothing is ever written for a key that does not exist.
+pub static RECORD_OUTCOMES: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local accepted, known = 0, {}
+for i = 0, tonumber(ARGV[1]) - 1 do
+  local b = 2 + i * 9
+  local rec = tonumber(ARGV[b])
+  if known[rec] == nil then known[rec] = redis.call('EXISTS', KEYS[rec]) == 1 end
+  if known[rec] then
+    accepted = accepted + 1
+    local day = KEYS[tonumber(ARGV[b + 1])]
+    local code = ARGV[b + 5]
+    local rt = tonumber(ARGV[b + 6])
+    if code == '' then
+      redis.call('HINCRBY', day, 's', 1)
+    else
+      redis.call('HINCRBY', day, 'e', 1)
+      redis.call('HINCRBY', day, 'c:' .. code, 1)
+    end
+    redis.call('HINCRBY', day, 'rt', rt)
+    redis.call('HINCRBY', day, 'h' .. ARGV[b + 7], 1)
+    if rt > (tonumber(redis.call('HGET', day, 'mx')) or -1) then
+      redis.call('HSET', day, 'mx', rt)
+    end
+    redis.call('EXPIRE', day, ARGV[b + 3])
+    local mi = tonumber(ARGV[b + 2])
+    if mi > 0 then
+      redis.call('HINCRBY', KEYS[mi], 't' .. ARGV[b + 8], 1)
+      if code ~= '' then redis.call('HINCRBY', KEYS[mi], 'e' .. ARGV[b + 8], 1) end
+      redis.call('EXPIRE', KEYS[mi], ARGV[b + 4])
+    end
+  end
+end
+return accepted
 "#,
     )
 });
@@ -98,9 +165,9 @@ return {decision, k[3], k[4], plan, limit, remaining, weight, retry}
 ///
 /// KEYS[1] new key record, KEYS[2] session table, KEYS[3] session index, KEYS[4] session
 /// active set.
-/// ARGV[1] now, ARGV[2] session id, ARGV[3] key id, ARGV[4] env code, ARGV[5] hash,
-/// ARGV[6] hash version, ARGV[7] name, ARGV[8] create ms, ARGV[9] expire ms ('' = never),
-/// ARGV[10] index member, ARGV[11..14] default key limit of plans 1..4 (0 = unlimited).
+/// ARGV[1] now, ARGV[2] session id, ARGV[3] key id, ARGV[4] env code, ARGV[5] hash (version
+/// byte + 32 bytes), ARGV[6] name, ARGV[7] create ms, ARGV[8] expire ms ('' = never),
+/// ARGV[9] index member, ARGV[10..13] default key limit of plans 1..4 (0 = unlimited).
 ///
 /// Reply: `{1, active keys}` created; `{-1}` key id taken; `{-2}` no such session; `{-3}`
 /// environment differs from the session's; `{-4, max keys, plan}` limit reached.
@@ -115,18 +182,18 @@ local packed = redis.call('HGET', KEYS[2], ARGV[2])
 if not packed then return {-2} end
 local env, plan, _, _, cmk = string.match(packed, '^(%d+):(%d+):(%d+):(%d*):(%d*):')
 if env ~= ARGV[4] then return {-3} end
-local max = tonumber(cmk) or tonumber(ARGV[10 + tonumber(plan)]) or 0
+local max = tonumber(cmk) or tonumber(ARGV[9 + tonumber(plan)]) or 0
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[1])
 local n = redis.call('ZCARD', KEYS[4])
 if max > 0 and n >= max then return {-4, max, tonumber(plan)} end
-redis.call('HSET', KEYS[1], 'h', ARGV[5], 'hv', ARGV[6], 's', ARGV[2], 'e', ARGV[4],
-  'n', ARGV[7], 'st', 'a', 'ct', ARGV[8])
+redis.call('HSET', KEYS[1], 'h', ARGV[5], 's', ARGV[2], 'e', ARGV[4], 'ct', ARGV[7])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'n', ARGV[6]) end
 local score = '+inf'
-if ARGV[9] ~= '' then
-  redis.call('HSET', KEYS[1], 'x', ARGV[9])
-  score = ARGV[9]
+if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[1], 'x', ARGV[8])
+  score = ARGV[8]
 end
-redis.call('ZADD', KEYS[3], 0, ARGV[10])
+redis.call('ZADD', KEYS[3], 0, ARGV[9])
 redis.call('ZADD', KEYS[4], score, ARGV[3])
 return {1, n + 1}
 "#,
@@ -135,7 +202,7 @@ return {1, n + 1}
 
 /// RevokeKey.
 ///
-/// KEYS[1] key record, KEYS[2] its session's active set.
+/// KEYS[1] key record, KEYS[2] its session's active set, KEYS[3] its alert state.
 /// ARGV[1] now, ARGV[2] reason, ARGV[3] key id, ARGV[4] session id.
 ///
 /// Reply: `0` if no such key in that session; else the record fields ([`RECORD_FIELDS`])
@@ -144,10 +211,11 @@ pub static REVOKE_KEY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local cur = redis.call('HMGET', KEYS[1], 'st', 's')
-if not cur[1] or cur[2] ~= ARGV[4] then return 0 end
-if cur[1] == 'a' then
+if not cur[2] or cur[2] ~= ARGV[4] then return 0 end
+if cur[1] ~= 'r' then
   redis.call('HSET', KEYS[1], 'st', 'r', 'rt', ARGV[1], 'rr', ARGV[2])
   redis.call('ZREM', KEYS[2], ARGV[3])
+  redis.call('DEL', KEYS[3])
 end
 return redis.call('HMGET', KEYS[1], 's', 'e', 'n', 'st', 'ct', 'lu', 'x', 'rt', 'rr', 'rb')
 "#,
@@ -157,11 +225,11 @@ return redis.call('HMGET', KEYS[1], 's', 'e', 'n', 'st', 'ct', 'lu', 'x', 'rt', 
 /// RotateKey: create the replacement and retire the old key, atomically.
 ///
 /// KEYS[1] old key record, KEYS[2] new key record, KEYS[3] session index, KEYS[4] session
-/// active set.
+/// active set, KEYS[5] the old key's alert state.
 /// ARGV[1] now, ARGV[2] old key id, ARGV[3] new key id, ARGV[4] session id, ARGV[5] env code,
-/// ARGV[6] new hash, ARGV[7] hash version, ARGV[8] name, ARGV[9] new expire ms ('' = never),
-/// ARGV[10] new index member, ARGV[11] old key's new expiry ('' = revoke now),
-/// ARGV[12] revoke reason used when revoking now.
+/// ARGV[6] new hash (version byte + 32 bytes), ARGV[7] name, ARGV[8] new expire ms ('' =
+/// never), ARGV[9] new index member, ARGV[10] old key's new expiry ('' = revoke now),
+/// ARGV[11] revoke reason used when revoking now.
 ///
 /// Reply: `{1, old fields, new fields}`; `{-1}` no such key in that session; `{-2}` old key
 /// not active; `{-3}` old key already rotated; `{-4}` new key id taken.
@@ -172,24 +240,25 @@ pub static ROTATE_KEY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local o = redis.call('HMGET', KEYS[1], 'st', 's', 'x', 'rb')
-if not o[1] or o[2] ~= ARGV[4] then return {-1} end
-if o[1] ~= 'a' or (o[3] and tonumber(o[3]) <= tonumber(ARGV[1])) then return {-2} end
+if not o[2] or o[2] ~= ARGV[4] then return {-1} end
+if o[1] == 'r' or (o[3] and tonumber(o[3]) <= tonumber(ARGV[1])) then return {-2} end
 if o[4] then return {-3} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {-4} end
-redis.call('HSET', KEYS[2], 'h', ARGV[6], 'hv', ARGV[7], 's', ARGV[4], 'e', ARGV[5],
-  'n', ARGV[8], 'st', 'a', 'ct', ARGV[1])
+redis.call('HSET', KEYS[2], 'h', ARGV[6], 's', ARGV[4], 'e', ARGV[5], 'ct', ARGV[1])
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[2], 'n', ARGV[7]) end
 local score = '+inf'
-if ARGV[9] ~= '' then
-  redis.call('HSET', KEYS[2], 'x', ARGV[9])
-  score = ARGV[9]
+if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[2], 'x', ARGV[8])
+  score = ARGV[8]
 end
-redis.call('ZADD', KEYS[3], 0, ARGV[10])
+redis.call('ZADD', KEYS[3], 0, ARGV[9])
 redis.call('ZADD', KEYS[4], score, ARGV[3])
 redis.call('ZREM', KEYS[4], ARGV[2])
-if ARGV[11] == '' then
-  redis.call('HSET', KEYS[1], 'st', 'r', 'rt', ARGV[1], 'rr', ARGV[12], 'rb', ARGV[3])
+if ARGV[10] == '' then
+  redis.call('HSET', KEYS[1], 'st', 'r', 'rt', ARGV[1], 'rr', ARGV[11], 'rb', ARGV[3])
+  redis.call('DEL', KEYS[5])
 else
-  local x = tonumber(ARGV[11])
+  local x = tonumber(ARGV[10])
   if o[3] and tonumber(o[3]) < x then x = tonumber(o[3]) end
   redis.call('HSET', KEYS[1], 'x', x, 'rb', ARGV[3])
 end

@@ -1,0 +1,193 @@
+//! What VerifyKey and usage cost in Redis, measured on a Redis of the test's own (so
+//! `INFO commandstats` counts only our calls): round trips and commands per decision, and the
+//! bytes a key record and a key-day of usage take. Printed for the README and BENCHMARKS.md,
+//! and held to the promises: one round trip per attributed call, none for MALFORMED.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use common::redis::DedicatedRedis;
+use common::{Backend, TestServer, create_key, create_session, decision, verify};
+use sendable_keys::grpc::pb;
+use sendable_keys::store::redis::{RedisConfig, RedisStore};
+
+fn commandstats(conn: &mut ::redis::Connection) -> BTreeMap<String, u64> {
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query(conn)
+        .expect("info");
+    info.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+            Some((name.to_owned(), calls.parse().ok()?))
+        })
+        .collect()
+}
+
+fn reset(conn: &mut ::redis::Connection) {
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(conn)
+        .expect("resetstat");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_costs_one_round_trip_and_malformed_none() {
+    let redis = DedicatedRedis::start();
+    // This Redis is ours alone, so the production prefix and a realistic session id give the
+    // sizes a deployment sees.
+    let prefix = "sk".to_owned();
+    let store = RedisStore::new(&RedisConfig {
+        urls: vec![redis.server.url()],
+        cluster: false,
+        pool_size: 2,
+        prefix: prefix.clone(),
+        timeout: std::time::Duration::from_secs(5),
+    })
+    .expect("store");
+    let server = TestServer::start_on_store(Arc::new(store), Backend::Redis, &prefix).await;
+    let mut c = server.keys();
+    let id = "acme-prod-eu".to_owned();
+    create_session(&mut c, &id, pb::Plan::Free, pb::Environment::Live).await;
+    let (key, secret) = create_key(&mut c, &id).await;
+    // Load the script once so the measurement is of the steady state.
+    verify(&mut c, &secret).await;
+
+    let client = ::redis::Client::open(redis.server.url()).expect("url");
+    let mut conn = client.get_connection().expect("connect");
+    // The health checker PINGs in the background; it is excluded from the counts below.
+    let calls_without_ping = |stats: &BTreeMap<String, u64>| -> BTreeMap<String, u64> {
+        stats
+            .iter()
+            .filter(|(k, _)| {
+                !k.starts_with("ping") && !k.starts_with("config") && !k.starts_with("info")
+            })
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    };
+
+    reset(&mut conn);
+    for _ in 0..100 {
+        assert_eq!(
+            decision(&verify(&mut c, "sk_live_typo").await),
+            pb::Decision::Malformed
+        );
+    }
+    let malformed = calls_without_ping(&commandstats(&mut conn));
+    assert!(
+        malformed.is_empty(),
+        "MALFORMED touched Redis: {malformed:?}"
+    );
+
+    reset(&mut conn);
+    let n = 59; // 59 more VALID (one was spent loading the script)
+    for _ in 0..n {
+        assert_eq!(
+            decision(&verify(&mut c, &secret).await),
+            pb::Decision::Valid
+        );
+    }
+    let valid = calls_without_ping(&commandstats(&mut conn));
+    reset(&mut conn);
+    for _ in 0..n {
+        assert_eq!(
+            decision(&verify(&mut c, &secret).await),
+            pb::Decision::RateLimited
+        );
+    }
+    let limited = calls_without_ping(&commandstats(&mut conn));
+    for (what, stats) in [("VALID", &valid), ("RATE_LIMITED", &limited)] {
+        let round_trips: u64 = ["evalsha", "eval", "script|load"]
+            .iter()
+            .map(|c| stats.get(*c).copied().unwrap_or(0))
+            .sum();
+        assert_eq!(
+            round_trips, n,
+            "{what}: one script call per verification: {stats:?}"
+        );
+        let per_call = |cmd: &str| stats.get(cmd).copied().unwrap_or(0) as f64 / n as f64;
+        // Inside the script: read the key and its session, write the window and last-used,
+        // count the decision per day and per minute (EXPIRE only when a counter is new).
+        assert_eq!(
+            (
+                per_call("hmget"),
+                per_call("hget"),
+                per_call("hset"),
+                per_call("hincrby")
+            ),
+            (1.0, 1.0, 1.0, 2.0),
+            "{what}: {stats:?}"
+        );
+        assert!(
+            stats.get("expire").copied().unwrap_or(0) <= 2,
+            "{what}: {stats:?}"
+        );
+        let inside: u64 = stats
+            .iter()
+            .filter(|(k, _)| !["evalsha", "eval"].contains(&k.as_str()))
+            .map(|(_, v)| v)
+            .sum();
+        println!(
+            "{what}: 1 round trip (EVALSHA), {:.2} Redis commands inside the script per call: {stats:?}",
+            inside as f64 / n as f64
+        );
+    }
+
+    // Bytes: a key record after use, and one key-day of usage with every kind of counter.
+    let records: Vec<String> = ::redis::cmd("KEYS")
+        .arg(format!("{prefix}:*:k:{}", key.key_id))
+        .query(&mut conn)
+        .expect("keys");
+    let record_bytes: u64 = ::redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(&records[0])
+        .arg("SAMPLES")
+        .arg(0)
+        .query(&mut conn)
+        .expect("memory usage");
+    let mut usage = server.usage();
+    let mut outcomes = Vec::new();
+    for i in 0..200u32 {
+        outcomes.push(pb::Outcome {
+            key_id: key.key_id.clone(),
+            success: i % 10 != 0,
+            error_code: ["500", "503", "TIMEOUT", "429"][(i % 4) as usize].into(),
+            response_time: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: ((i % 13) * 37_000_000) as i32,
+            }),
+            time: None,
+        });
+    }
+    usage
+        .record_outcomes(pb::RecordOutcomesRequest { outcomes })
+        .await
+        .expect("outcomes");
+    let days: Vec<String> = ::redis::cmd("KEYS")
+        .arg(format!("{prefix}:*:u:{}:*", key.key_id))
+        .query(&mut conn)
+        .expect("keys");
+    assert_eq!(days.len(), 1);
+    let day_bytes: u64 = ::redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(&days[0])
+        .arg("SAMPLES")
+        .arg(0)
+        .query(&mut conn)
+        .expect("memory usage");
+    let fields: u64 = ::redis::cmd("HLEN")
+        .arg(&days[0])
+        .query(&mut conn)
+        .expect("hlen");
+    println!(
+        "key record: {record_bytes} bytes; one key-day of usage: {day_bytes} bytes ({fields} fields)"
+    );
+    assert!(
+        record_bytes < 250,
+        "a key record costs {record_bytes} bytes"
+    );
+    assert!(day_bytes < 512, "a key-day costs {day_bytes} bytes");
+}
