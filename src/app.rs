@@ -9,12 +9,16 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::admin::Readiness;
+use crate::auth::Credentials;
 use crate::config::ServeArgs;
 use crate::domain::usage::AlertThresholds;
 use crate::domain::{KeyHasher, Pepper, PlanTable};
+use crate::grpc::layer::{AccessPolicy, RequestLayer};
 use crate::grpc::pb::key_service_server::KeyServiceServer;
 use crate::grpc::pb::usage_service_server::UsageServiceServer;
 use crate::grpc::{KeyGrpc, UsageGrpc};
@@ -40,6 +44,14 @@ pub struct ServeOptions {
     pub health_interval: Duration,
     /// How often a WatchAlerts stream re-evaluates.
     pub alert_poll_interval: Duration,
+    /// Who may call (credentials, or loopback only).
+    pub access: AccessPolicy,
+    /// TLS (and mTLS) for the gRPC port.
+    pub tls: Option<ServerTlsConfig>,
+    /// After shutdown begins, how long in-flight calls may run before connections close.
+    pub drain_timeout: Duration,
+    /// Mirrors the health status for the admin listener's /readyz.
+    pub readiness: Readiness,
 }
 
 impl Default for ServeOptions {
@@ -48,6 +60,10 @@ impl Default for ServeOptions {
             max_message_bytes: 512 * 1024,
             health_interval: Duration::from_secs(2),
             alert_poll_interval: Duration::from_secs(10),
+            access: AccessPolicy::new(None, false),
+            tls: None,
+            drain_timeout: Duration::from_secs(20),
+            readiness: Readiness::default(),
         }
     }
 }
@@ -66,18 +82,20 @@ pub enum AppError {
     Serve(#[from] tonic::transport::Error),
 }
 
-async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+async fn set_health(reporter: &HealthReporter, readiness: &Readiness, status: ServingStatus) {
     reporter.set_service_status("", status).await;
     for name in HEALTH_SERVICES {
         reporter.set_service_status(name, status).await;
     }
+    readiness.set(status == ServingStatus::Serving);
 }
 
 /// Keeps the health service truthful: SERVING only while the store answers a ping, until
-/// `stop` flips, then NOT_SERVING for good.
+/// `stop` flips, then NOT_SERVING for good. Also refreshes the store's pool gauges.
 async fn watch_health<S: Store>(
     store: Arc<S>,
     reporter: HealthReporter,
+    readiness: Readiness,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -88,23 +106,28 @@ async fn watch_health<S: Store>(
         tokio::select! {
             _ = ticker.tick() => {
                 let up = store.ping().await;
+                store.report_metrics();
                 let healthy = up.is_ok();
                 if last != Some(healthy) {
                     match &up {
                         Ok(()) => tracing::info!("store reachable: serving"),
                         Err(err) => tracing::warn!(error = %err, "store unreachable: not serving"),
                     }
-                    set_health(&reporter, if healthy { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
+                    let status = if healthy { ServingStatus::Serving } else { ServingStatus::NotServing };
+                    set_health(&reporter, &readiness, status).await;
                     last = Some(healthy);
                 }
             }
             _ = stop.changed() => break,
         }
     }
-    set_health(&reporter, ServingStatus::NotServing).await;
+    set_health(&reporter, &readiness, ServingStatus::NotServing).await;
 }
 
-/// Serves the KeyService, health and reflection on `listener` until `shutdown` completes.
+/// Serves the KeyService, UsageService, health and reflection on `listener` until `shutdown`
+/// completes, then drains: health turns NOT_SERVING, open WatchAlerts streams end, no new
+/// connections or streams are accepted, and in-flight calls get up to `drain_timeout` to
+/// finish.
 pub async fn serve<S: Store>(
     keys: Arc<KeyService<S>>,
     listener: TcpListener,
@@ -112,7 +135,8 @@ pub async fn serve<S: Store>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AppError> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    set_health(&reporter, ServingStatus::NotServing).await;
+    let readiness = options.readiness.clone();
+    set_health(&reporter, &readiness, ServingStatus::NotServing).await;
     // Liveness is about the process, not its dependencies: a Redis outage must not make
     // Kubernetes restart every replica.
     reporter
@@ -121,12 +145,13 @@ pub async fn serve<S: Store>(
     // Know the store's state before the first call can arrive, so a client that checks health
     // right after connecting never sees a stale NOT_SERVING.
     if keys.store().ping().await.is_ok() {
-        set_health(&reporter, ServingStatus::Serving).await;
+        set_health(&reporter, &readiness, ServingStatus::Serving).await;
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let health_task = tokio::spawn(watch_health(
         keys.store().clone(),
         reporter,
+        readiness,
         options.health_interval,
         stop_rx.clone(),
     ));
@@ -155,19 +180,71 @@ pub async fn serve<S: Store>(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let shutdown = async move {
         shutdown.await;
-        // Readiness goes first, so load balancers stop sending before connections close.
+        tracing::info!("draining: health NOT_SERVING, no new calls, in-flight calls finishing");
         let _ = stop_tx.send(true);
     };
-    let result = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = options.tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let server = builder
+        .layer(RequestLayer::new(options.access))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(key_service)
         .add_service(usage_service)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    let mut draining = stop_rx;
+    let drain_timeout = options.drain_timeout;
+    let result = tokio::select! {
+        result = server => result.map_err(AppError::from),
+        _ = async {
+            while !*draining.borrow_and_update() {
+                if draining.changed().await.is_err() {
+                    // The sender is gone only once serving ended, which the other arm sees.
+                    std::future::pending::<()>().await;
+                }
+            }
+            tokio::time::sleep(drain_timeout).await;
+        } => {
+            tracing::warn!(timeout = ?drain_timeout, "drain timeout: closing the connections still open");
+            Ok(())
+        }
+    };
     let _ = health_task.await;
-    result.map_err(AppError::from)
+    result
+}
+
+/// TLS for the gRPC port from PEM files; a client CA turns on mutual TLS.
+fn load_tls(args: &ServeArgs) -> Result<Option<ServerTlsConfig>, AppError> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path).map_err(|e| {
+            AppError::Config(format!(
+                "cannot read the TLS {what} {}: {e}",
+                path.display()
+            ))
+        })
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read(cert, "certificate")?,
+        read(key, "key")?,
+    ));
+    if let Some(ca) = &args.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca, "client CA")?));
+    }
+    Ok(Some(tls))
+}
+
+fn load_credentials(args: &ServeArgs) -> Result<Option<Credentials>, AppError> {
+    args.credentials_file
+        .as_deref()
+        .map(Credentials::load)
+        .transpose()
+        .map_err(AppError::Config)
 }
 
 /// Reads the pepper from the flag/env or the file.
@@ -252,7 +329,23 @@ async fn run_with<S: Store>(
     hasher: KeyHasher,
     settings: Settings,
     args: &ServeArgs,
+    tracing_exported: bool,
 ) -> Result<(), AppError> {
+    let credentials = load_credentials(args)?;
+    let tls = load_tls(args)?;
+    match &credentials {
+        Some(c) => tracing::info!(callers = c.len(), "caller credentials loaded"),
+        None => tracing::warn!(
+            "no SENDABLE_KEYS_CREDENTIALS_FILE: only loopback peers are served (health and reflection stay open)"
+        ),
+    }
+    let metrics_handle = match crate::telemetry::metrics() {
+        Ok(handle) => Some(handle),
+        Err(err) => {
+            tracing::warn!(error = %err, "metrics disabled");
+            None
+        }
+    };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let keys = Arc::new(KeyService::new(store, hasher, settings, clock));
     let listener = TcpListener::bind(args.listen)
@@ -261,21 +354,48 @@ async fn run_with<S: Store>(
             addr: args.listen,
             source,
         })?;
-    // The bound address, not the requested one: with port 0 this is how callers find us.
+    let admin_listener = TcpListener::bind(args.admin_listen)
+        .await
+        .map_err(|source| AppError::Listen {
+            addr: args.admin_listen,
+            source,
+        })?;
+    // The bound addresses, not the requested ones: with port 0 this is how callers find us.
     let addr = listener.local_addr().unwrap_or(args.listen);
-    tracing::info!(%addr, "gRPC listening");
+    let admin_addr = admin_listener.local_addr().unwrap_or(args.admin_listen);
+    tracing::info!(%addr, tls = tls.is_some(), mtls = args.tls_client_ca.is_some(), "gRPC listening");
+    tracing::info!(addr = %admin_addr, "admin HTTP listening (/metrics, /livez, /readyz)");
+
+    let readiness = Readiness::default();
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin = tokio::spawn(crate::admin::serve(
+        admin_listener,
+        readiness.clone(),
+        metrics_handle,
+        async {
+            let _ = admin_stopped.await;
+        },
+    ));
     let options = ServeOptions {
         max_message_bytes: args.max_message_bytes as usize,
         health_interval: args.health_interval,
         alert_poll_interval: args.alert_poll_interval,
+        access: AccessPolicy::new(credentials, tracing_exported),
+        tls,
+        drain_timeout: args.drain_timeout,
+        readiness,
     };
-    serve(keys, listener, options, shutdown_signal()).await?;
+    let result = serve(keys, listener, options, shutdown_signal()).await;
+    // The admin listener outlives the drain, so probes read NOT_SERVING until the end.
+    let _ = admin_stop.send(());
+    let _ = admin.await;
+    result?;
     tracing::info!("stopped");
     Ok(())
 }
 
 /// Runs the server described by `args` until SIGTERM.
-pub async fn run(args: ServeArgs) -> Result<(), AppError> {
+pub async fn run(args: ServeArgs, tracing_exported: bool) -> Result<(), AppError> {
     let plans = load_plans(&args)?;
     let settings = Settings {
         plans,
@@ -293,7 +413,14 @@ pub async fn run(args: ServeArgs) -> Result<(), AppError> {
             "no REDIS_URL: serving from the in-memory store; nothing is persisted and replicas do not share state"
         );
         let store = Arc::new(MemoryStore::new());
-        return run_with(store, KeyHasher::new(&pepper), settings, &args).await;
+        return run_with(
+            store,
+            KeyHasher::new(&pepper),
+            settings,
+            &args,
+            tracing_exported,
+        )
+        .await;
     }
     let pepper = pepper.ok_or_else(|| {
         AppError::Config(
@@ -314,5 +441,12 @@ pub async fn run(args: ServeArgs) -> Result<(), AppError> {
         tracing::warn!(error = %err, "Redis not reachable yet; will keep trying (NOT_SERVING until then)");
     }
     tracing::info!(store = %store.describe(), "using Redis");
-    run_with(Arc::new(store), KeyHasher::new(&pepper), settings, &args).await
+    run_with(
+        Arc::new(store),
+        KeyHasher::new(&pepper),
+        settings,
+        &args,
+        tracing_exported,
+    )
+    .await
 }

@@ -15,8 +15,21 @@ use crate::config::{HashTokenArgs, HealthArgs};
 /// `sendable-keys health`: exit 0 if the server reports SERVING.
 pub async fn health(args: &HealthArgs) -> ExitCode {
     let check = async {
-        let channel = tonic::transport::Endpoint::from_shared(args.addr.clone())
-            .map_err(|e| format!("invalid address {:?}: {e}", args.addr))?
+        let mut endpoint = tonic::transport::Endpoint::from_shared(args.addr.clone())
+            .map_err(|e| format!("invalid address {:?}: {e}", args.addr))?;
+        if let Some(ca) = &args.tls_ca {
+            let pem =
+                std::fs::read(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
+            let mut tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            if let Some(domain) = &args.tls_domain {
+                tls = tls.domain_name(domain.clone());
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| format!("TLS configuration: {e}"))?;
+        }
+        let channel = endpoint
             .connect()
             .await
             .map_err(|e| format!("cannot connect to {}: {e}", args.addr))?;

@@ -37,9 +37,15 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct HealthArgs {
-    /// Server address.
+    /// Server address (`https://` for a TLS server).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub addr: String,
+    /// PEM CA that signed a TLS server's certificate.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Name to verify the server certificate against (default: the address's host).
+    #[arg(long)]
+    pub tls_domain: Option<String>,
     /// Health service name ("" = the whole server).
     #[arg(long, default_value = "")]
     pub service: String,
@@ -89,6 +95,34 @@ pub struct ServeArgs {
     /// gRPC listen address.
     #[arg(long, env = "SENDABLE_KEYS_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+
+    /// Admin HTTP listen address: /metrics, /livez, /readyz.
+    #[arg(
+        long,
+        env = "SENDABLE_KEYS_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub admin_listen: SocketAddr,
+
+    /// TOML file of callers and their token hashes. Unset: only loopback peers are served.
+    #[arg(long, env = "SENDABLE_KEYS_CREDENTIALS_FILE")]
+    pub credentials_file: Option<PathBuf>,
+
+    /// PEM certificate chain for TLS on the gRPC port (with --tls-key).
+    #[arg(long, env = "SENDABLE_KEYS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for TLS on the gRPC port (with --tls-cert).
+    #[arg(long, env = "SENDABLE_KEYS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
+    #[arg(long, env = "SENDABLE_KEYS_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// After SIGTERM, how long in-flight calls may take before connections are closed.
+    #[arg(long, env = "SENDABLE_KEYS_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
 
     /// Redis: one redis:// or rediss:// URL for a standalone server, or several
     /// (comma-separated) seed nodes of a Redis Cluster. Unset: the in-memory store.
@@ -170,6 +204,12 @@ impl std::fmt::Debug for ServeArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServeArgs")
             .field("listen", &self.listen)
+            .field("admin_listen", &self.admin_listen)
+            .field("credentials_file", &self.credentials_file)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("tls_client_ca", &self.tls_client_ca)
+            .field("drain_timeout", &self.drain_timeout)
             .field(
                 "redis_url",
                 &format_args!("<{} url(s) redacted>", self.redis_url.len()),

@@ -20,7 +20,9 @@
 //! - [`app`]: wiring: store from config, services, health, reflection; `serve(listener,
 //!   shutdown)` for tests and `run(config)` for the binary.
 
+pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod domain;

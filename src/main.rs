@@ -17,22 +17,29 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    if let Err(err) = sendable_keys::telemetry::init(args.log_format, &args.log) {
-        eprintln!("sendable-keys: {err}");
-        return ExitCode::from(2);
-    }
     let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
-    match runtime.block_on(sendable_keys::app::run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!(error = %err, "sendable-keys failed");
-            eprintln!("sendable-keys: {err}");
-            ExitCode::FAILURE
+    runtime.block_on(async {
+        // Inside the runtime: the OTLP exporter's gRPC client runs on it.
+        let telemetry = match sendable_keys::telemetry::init(args.log_format, &args.log) {
+            Ok(guard) => guard,
+            Err(err) => {
+                eprintln!("sendable-keys: {err}");
+                return ExitCode::from(2);
+            }
+        };
+        let exported = telemetry.tracing_exported();
+        match sendable_keys::app::run(args, exported).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!(error = %err, "sendable-keys failed");
+                eprintln!("sendable-keys: {err}");
+                ExitCode::FAILURE
+            }
         }
-    }
+    })
 }
 
 fn main() -> ExitCode {

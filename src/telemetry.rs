@@ -1,26 +1,117 @@
-//! Logging: `tracing` with JSON lines (containers) or human-readable output (terminals).
+//! Logs, traces and metrics.
+//!
+//! - Logs: `tracing` with JSON lines (containers) or human-readable output (terminals).
+//! - Traces: when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set, spans are
+//!   exported over OTLP/gRPC, and the request layer continues a W3C `traceparent` from the
+//!   incoming metadata. `OTEL_SERVICE_NAME` names the service (default `sendable-keys`).
+//! - Metrics: a Prometheus recorder, rendered by the admin listener's `/metrics`. Labels are
+//!   low-cardinality by construction: method, code, decision, caller name, store operation;
+//!   never a key, key id or session id.
 //!
 //! Nothing here ever receives a secret: keys, tokens and the pepper are not logged anywhere in
 //! the crate, and the types that hold them redact themselves in `Debug`.
 
 use std::io::IsTerminal;
+use std::sync::OnceLock;
 
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber. Returns an error if the filter does not parse or a
-/// subscriber is already installed.
-pub fn init(format: LogFormat, filter: &str) -> Result<(), String> {
+/// Latency buckets (seconds) for every `*_duration_seconds` histogram: dense below a
+/// millisecond, where VerifyKey lives, and up to 5 s for the slow tail.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0,
+];
+
+/// Installs the process-wide Prometheus recorder (once; later calls return the same handle).
+pub fn metrics() -> Result<PrometheusHandle, String> {
+    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets(&LATENCY_BUCKETS)
+                .map_err(|e| e.to_string())?
+                .install_recorder()
+                .map_err(|e| format!("cannot install the metrics recorder: {e}"))
+        })
+        .clone()
+}
+
+/// Whether the environment asks for OTLP trace export.
+pub fn otlp_requested() -> bool {
+    [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var(v).is_ok_and(|v| !v.trim().is_empty()))
+}
+
+/// Flushes exported spans when dropped.
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl TelemetryGuard {
+    pub fn tracing_exported(&self) -> bool {
+        self.provider.is_some()
+    }
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take()
+            && let Err(err) = provider.shutdown()
+        {
+            eprintln!("sendable-keys: flushing traces failed: {err}");
+        }
+    }
+}
+
+/// Installs the global subscriber (logs, and OTLP export when requested). Must run inside the
+/// tokio runtime: the OTLP exporter's gRPC client lives on it.
+pub fn init(format: LogFormat, filter: &str) -> Result<TelemetryGuard, String> {
     let filter = EnvFilter::try_new(filter).map_err(|e| format!("invalid log filter: {e}"))?;
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Pretty => false,
         LogFormat::Auto => !std::io::stdout().is_terminal(),
     };
-    let registry = tracing_subscriber::registry().with(filter);
+    let provider = if otlp_requested() {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+            .map_err(|e| format!("OTLP exporter: {e}"))?;
+        let service_name = std::env::var("OTEL_SERVICE_NAME")
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+            .unwrap_or_else(|| "sendable-keys".to_owned());
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_service_name(service_name)
+                    .build(),
+            )
+            .build();
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+        Some(provider)
+    } else {
+        None
+    };
+    let otel_layer = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("sendable-keys")));
+    let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
     let result = if json {
         registry
             .with(
@@ -34,5 +125,6 @@ pub fn init(format: LogFormat, filter: &str) -> Result<(), String> {
     } else {
         registry.with(tracing_subscriber::fmt::layer()).try_init()
     };
-    result.map_err(|e| format!("could not install the log subscriber: {e}"))
+    result.map_err(|e| format!("could not install the log subscriber: {e}"))?;
+    Ok(TelemetryGuard { provider })
 }

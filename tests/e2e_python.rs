@@ -79,6 +79,7 @@ fn start_binary() -> (Server, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sendable-keys"))
         .env_clear()
         .env("SENDABLE_KEYS_LISTEN", "127.0.0.1:0")
+        .env("SENDABLE_KEYS_ADMIN_LISTEN", "127.0.0.1:0")
         .env("SENDABLE_KEYS_LOG_FORMAT", "json")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod key_service;
+pub mod layer;
 pub mod status;
 pub mod usage_service;
 

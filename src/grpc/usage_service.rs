@@ -326,6 +326,10 @@ impl<S: Store> UsageServiceApi for UsageGrpc<S> {
         let service = self.service.clone();
         let poll = self.poll_interval;
         let mut shutdown = self.shutdown.clone();
+        // A stream opened while the server is already draining ends at once.
+        if *shutdown.borrow_and_update() {
+            return Err(Status::unavailable("the server is shutting down"));
+        }
         tokio::spawn(async move {
             let mut firing: HashMap<(KeyId, AlertKind), AlertReading> = HashMap::new();
             let mut readings = first;
@@ -370,7 +374,7 @@ impl<S: Store> UsageServiceApi for UsageGrpc<S> {
                 }
                 tokio::select! {
                     _ = tx.closed() => break,
-                    _ = shutdown.wait_for(|stopping| *stopping) => break,
+                    _ = shutdown.changed() => break,
                     _ = ticker.tick() => {}
                 }
                 readings = match service.evaluate_alerts(&id).await {

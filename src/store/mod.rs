@@ -268,6 +268,9 @@ pub trait Store: SessionStore + KeyStore + UsageStore + AuditStore {
     /// Cheap round trip proving the store answers.
     fn ping(&self) -> impl Future<Output = StoreResult<()>> + Send;
 
+    /// Refreshes gauges about the store's connections (called on every health tick).
+    fn report_metrics(&self) {}
+
     /// A short description for the startup log ("in-memory", "redis standalone", ...); never
     /// contains credentials.
     fn describe(&self) -> String;

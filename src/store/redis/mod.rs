@@ -246,8 +246,9 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Runs `op` on the next lane's connection, within the timeout.
-    async fn run<T, F, Fut>(&self, op: F) -> StoreResult<T>
+    /// Runs `op` on the next lane's connection, within the timeout; `name` labels the
+    /// operation's latency and error metrics.
+    async fn run<T, F, Fut>(&self, name: &'static str, op: F) -> StoreResult<T>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
@@ -265,7 +266,11 @@ impl RedisStore {
             };
             op(conn).await
         };
-        match tokio::time::timeout(self.timeout, work).await {
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(self.timeout, work).await;
+        metrics::histogram!("sendable_keys_store_duration_seconds", "op" => name)
+            .record(started.elapsed().as_secs_f64());
+        let result = match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {
                 if err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error()
@@ -280,7 +285,17 @@ impl RedisStore {
                 "redis: no answer within {} ms",
                 self.timeout.as_millis()
             ))),
+        };
+        if let Err(err) = &result {
+            let kind = if err.transient {
+                "transient"
+            } else {
+                "permanent"
+            };
+            metrics::counter!("sendable_keys_store_errors_total", "op" => name, "kind" => kind)
+                .increment(1);
         }
+        result
     }
 }
 
@@ -441,7 +456,7 @@ impl SessionStore for RedisStore {
     async fn create_session(&self, session: &SessionRecord) -> StoreResult<bool> {
         let table = self.keys.sessions(session.id.shard());
         let packed = pack_session(session);
-        self.run(|mut c| async move {
+        self.run("create_session", |mut c| async move {
             redis::cmd("HSETNX")
                 .arg(&table)
                 .arg(session.id.as_str())
@@ -456,7 +471,7 @@ impl SessionStore for RedisStore {
         let table = self.keys.sessions(id.shard());
         let active = self.keys.active(id);
         let (packed, count): (Option<String>, u32) = self
-            .run(|mut c| async move {
+            .run("get_session", |mut c| async move {
                 redis::pipe()
                     .cmd("HGET")
                     .arg(&table)
@@ -480,7 +495,7 @@ impl SessionStore for RedisStore {
         let table = self.keys.sessions(session.id.shard());
         let packed = pack_session(session);
         let reply: i64 = self
-            .run(|mut c| async move {
+            .run("replace_session", |mut c| async move {
                 scripts::REPLACE_SESSION
                     .key(&table)
                     .arg(session.id.as_str())
@@ -513,7 +528,7 @@ impl KeyStore for RedisStore {
             self.keys.active(&r.session_id),
         ];
         let reply: Vec<i64> = self
-            .run(|mut c| async move {
+            .run("insert_key", |mut c| async move {
                 let mut inv = scripts::INSERT_KEY.prepare_invoke();
                 inv.key(&names[..])
                     .arg(now)
@@ -548,7 +563,7 @@ impl KeyStore for RedisStore {
     async fn get_key(&self, id: &KeyId) -> StoreResult<Option<KeyRecord>> {
         let name = self.keys.key(id);
         let fields: Vec<Option<String>> = self
-            .run(|mut c| async move {
+            .run("get_key", |mut c| async move {
                 redis::cmd("HMGET")
                     .arg(&name)
                     .arg(&scripts::RECORD_FIELDS[..])
@@ -571,7 +586,7 @@ impl KeyStore for RedisStore {
             |c| format!("({}", index_member(c.create_ms, &c.key_id)),
         );
         let members: Vec<String> = self
-            .run(|mut c| async move {
+            .run("list_keys", |mut c| async move {
                 redis::cmd("ZRANGE")
                     .arg(&index)
                     .arg(&min)
@@ -595,7 +610,7 @@ impl KeyStore for RedisStore {
         // One pipelined round trip for all records; they share the session's slot.
         let names: Vec<String> = ids.iter().map(|id| self.keys.key(id)).collect();
         let replies: Vec<Vec<Option<String>>> = self
-            .run(|mut c| async move {
+            .run("list_keys", |mut c| async move {
                 let mut pipe = redis::pipe();
                 for name in &names {
                     pipe.cmd("HMGET").arg(name).arg(&scripts::RECORD_FIELDS[..]);
@@ -625,7 +640,7 @@ impl KeyStore for RedisStore {
             self.keys.alerts(id),
         ];
         let reply: Value = self
-            .run(|mut c| async move {
+            .run("revoke_key", |mut c| async move {
                 scripts::REVOKE_KEY
                     .key(&names[..])
                     .arg(now)
@@ -658,7 +673,7 @@ impl KeyStore for RedisStore {
             self.keys.alerts(old),
         ];
         let reply: Vec<Value> = self
-            .run(|mut c| async move {
+            .run("rotate_key", |mut c| async move {
                 let mut inv = scripts::ROTATE_KEY.prepare_invoke();
                 inv.key(&names[..])
                     .arg(now)
@@ -708,7 +723,7 @@ impl KeyStore for RedisStore {
             self.keys.minute_requests(id, hour),
         ];
         let reply: Vec<Value> = self
-            .run(|mut c| async move {
+            .run("verify", |mut c| async move {
                 let mut inv = scripts::VERIFY.prepare_invoke();
                 inv.key(&names[..])
                     .arg(versioned(request.hash_version, &request.hash))
@@ -867,7 +882,7 @@ impl UsageStore for RedisStore {
         }
         // The shards' scripts go out together; the multiplexed connections pipeline them.
         let results = futures_util::future::join_all(calls.iter().map(|(names, args)| {
-            self.run(move |mut c| async move {
+            self.run("record_outcomes", move |mut c| async move {
                 let mut inv = scripts::RECORD_OUTCOMES.prepare_invoke();
                 inv.key(&names[..]).arg(&args[..]);
                 inv.invoke_async::<u32>(&mut c).await
@@ -895,7 +910,7 @@ impl UsageStore for RedisStore {
         let mut counters = Vec::with_capacity(names.len());
         for chunk in names.chunks(PIPELINE_CHUNK) {
             let replies: Vec<Value> = self
-                .run(|mut c| async move {
+                .run("usage_days", |mut c| async move {
                     let mut pipe = redis::pipe();
                     for name in chunk {
                         pipe.cmd("HGETALL").arg(name);
@@ -932,7 +947,7 @@ impl UsageStore for RedisStore {
         let hours = &hours;
         for chunk in keys.chunks((PIPELINE_CHUNK / per_key).max(1)) {
             let replies: Vec<Value> = self
-                .run(|mut c| async move {
+                .run("recent_activity", |mut c| async move {
                     let mut pipe = redis::pipe();
                     for id in chunk {
                         pipe.cmd("HGET").arg(self.keys.key(id)).arg("w");
@@ -1007,7 +1022,7 @@ impl UsageStore for RedisStore {
             .iter()
             .map(|c| self.keys.alerts(&c.key_id))
             .collect();
-        self.run(|mut c| async move {
+        self.run("update_alerts", |mut c| async move {
             let mut pipe = redis::pipe();
             for (change, name) in changes.iter().zip(&names) {
                 match change.since {
@@ -1040,7 +1055,7 @@ impl AuditStore for RedisStore {
     async fn append_audit(&self, entry: &AuditEntry, retention_ms: Millis) -> StoreResult<String> {
         let name = self.keys.audit(&entry.session_id);
         let key_id = entry.key_id.map(|k| k.to_string()).unwrap_or_default();
-        self.run(|mut c| async move {
+        self.run("append_audit", |mut c| async move {
             scripts::APPEND_AUDIT
                 .key(&name)
                 .arg(retention_ms.max(1))
@@ -1071,7 +1086,7 @@ impl AuditStore for RedisStore {
         let name = self.keys.audit(session);
         let end = before.map_or_else(|| "+".to_owned(), |(ms, seq)| format!("({ms}-{seq}"));
         let rows: Vec<(String, Vec<String>)> = self
-            .run(|mut c| async move {
+            .run("list_audit", |mut c| async move {
                 redis::cmd("XREVRANGE")
                     .arg(&name)
                     .arg(&end)
@@ -1112,13 +1127,32 @@ impl AuditStore for RedisStore {
 impl Store for RedisStore {
     async fn ping(&self) -> StoreResult<()> {
         let pong: String = self
-            .run(|mut c| async move { redis::cmd("PING").query_async(&mut c).await })
+            .run("ping", |mut c| async move {
+                redis::cmd("PING").query_async(&mut c).await
+            })
             .await?;
         if pong == "PONG" {
             Ok(())
         } else {
             Err(StoreError::permanent("redis: unexpected PING reply"))
         }
+    }
+
+    fn report_metrics(&self) {
+        let status = match &self.pool {
+            Pool::Standalone(p) => p.status(),
+            Pool::Cluster(p) => p.status(),
+        };
+        metrics::gauge!("sendable_keys_redis_pool_connections", "state" => "open")
+            .set(status.size as f64);
+        metrics::gauge!("sendable_keys_redis_pool_connections", "state" => "idle")
+            .set(status.available as f64);
+        metrics::gauge!("sendable_keys_redis_pool_connections", "state" => "max")
+            .set(status.max_size as f64);
+        let connected = (0..self.lanes.len())
+            .filter(|i| self.lane(*i).is_some())
+            .count();
+        metrics::gauge!("sendable_keys_redis_lanes_connected").set(connected as f64);
     }
 
     fn describe(&self) -> String {
