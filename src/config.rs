@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the gRPC server (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Ask a running server for its gRPC health (exit 0 when SERVING); for probes and
     /// `helm test`.
     Health(HealthArgs),

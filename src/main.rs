@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         None => serve(cli.serve),
-        Some(Command::Serve(args)) => serve(args),
+        Some(Command::Serve(args)) => serve(*args),
         Some(Command::Health(args)) => match runtime() {
             Ok(runtime) => runtime.block_on(sendable_keys::cli::health(&args)),
             Err(code) => code,
