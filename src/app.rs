@@ -177,6 +177,11 @@ pub async fn serve<S: Store>(
     ))
     .max_decoding_message_size(options.max_message_bytes);
 
+    // Announced only now, with health already known: whoever waits for this line (scripts,
+    // tests) can call at once.
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, tls = options.tls.is_some(), "gRPC listening");
+    }
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let shutdown = async move {
         shutdown.await;
@@ -360,10 +365,8 @@ async fn run_with<S: Store>(
             addr: args.admin_listen,
             source,
         })?;
-    // The bound addresses, not the requested ones: with port 0 this is how callers find us.
-    let addr = listener.local_addr().unwrap_or(args.listen);
+    // The bound address, not the requested one: with port 0 this is how callers find us.
     let admin_addr = admin_listener.local_addr().unwrap_or(args.admin_listen);
-    tracing::info!(%addr, tls = tls.is_some(), mtls = args.tls_client_ca.is_some(), "gRPC listening");
     tracing::info!(addr = %admin_addr, "admin HTTP listening (/metrics, /livez, /readyz)");
 
     let readiness = Readiness::default();

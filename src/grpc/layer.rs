@@ -18,6 +18,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
+use super::status::access_denied;
 use crate::auth::{self, Credentials};
 use crate::domain::Actor;
 
@@ -127,7 +128,8 @@ impl AccessPolicy {
             if auth::is_open(path) || peer.is_some_and(|p| p.ip().is_loopback()) {
                 return Ok(Actor::anonymous());
             }
-            return Err(tonic::Status::permission_denied(
+            return Err(access_denied(
+                Code::PermissionDenied,
                 "this server has no credentials configured and serves only loopback callers; \
                  set SENDABLE_KEYS_CREDENTIALS_FILE",
             ));
@@ -145,19 +147,25 @@ impl AccessPolicy {
             return Ok(caller.map_or_else(Actor::anonymous, |c| Actor(c.name.clone())));
         }
         let Some(caller) = caller else {
-            return Err(tonic::Status::unauthenticated(if token.is_none() {
-                "missing credentials: send `authorization: Bearer <token>`"
-            } else {
-                "invalid token"
-            }));
+            return Err(access_denied(
+                Code::Unauthenticated,
+                if token.is_none() {
+                    "missing credentials: send `authorization: Bearer <token>`"
+                } else {
+                    "invalid token"
+                },
+            ));
         };
         if !auth::allows(caller.role, path) {
-            return Err(tonic::Status::permission_denied(format!(
-                "caller {} (role {}) may not call {}; it needs role admin",
-                caller.name,
-                caller.role.name(),
-                method_label(path)
-            )));
+            return Err(access_denied(
+                Code::PermissionDenied,
+                format!(
+                    "caller {} (role {}) may not call {}; it needs role admin",
+                    caller.name,
+                    caller.role.name(),
+                    method_label(path)
+                ),
+            ));
         }
         Ok(Actor(caller.name.clone()))
     }

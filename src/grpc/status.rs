@@ -38,6 +38,20 @@ pub fn to_status(err: &Error) -> Status {
     Status::with_error_details(code, message, details)
 }
 
+/// A refusal by the access policy (UNAUTHENTICATED or PERMISSION_DENIED), with the ErrorInfo
+/// every error of this service carries.
+pub fn access_denied(code: Code, message: impl Into<String>) -> Status {
+    let reason = match code {
+        Code::Unauthenticated => "UNAUTHENTICATED",
+        _ => "PERMISSION_DENIED",
+    };
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new()),
+    )
+}
+
 /// An INVALID_ARGUMENT status for violations found while decoding a request.
 pub fn invalid_argument(err: &DomainError) -> Status {
     let (code, message, details) = domain_status(err);

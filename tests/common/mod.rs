@@ -144,6 +144,46 @@ impl TestServer {
         clock: ManualClock,
         settings: Settings,
     ) -> Self {
+        Self::spawn_with(
+            store,
+            backend,
+            prefix,
+            clock,
+            settings,
+            ServeOptions::default(),
+            None,
+        )
+        .await
+    }
+
+    /// A memory-backed server with the given serve options (credentials, TLS, ...); the
+    /// client connects with `client_tls` (and then to `localhost`, the name in test certs).
+    pub async fn start_with_options(
+        options: ServeOptions,
+        client_tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Self {
+        Self::spawn_with(
+            Arc::new(MemoryStore::new()),
+            Backend::Memory,
+            &unique_prefix(),
+            ManualClock::new(T0),
+            Settings::default(),
+            options,
+            client_tls,
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn spawn_with<S: Store>(
+        store: Arc<S>,
+        backend: Backend,
+        prefix: &str,
+        clock: ManualClock,
+        settings: Settings,
+        options: ServeOptions,
+        client_tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Self {
         let pepper = Pepper::new(TEST_PEPPER.to_vec()).expect("pepper");
         let shared_clock: Arc<dyn Clock> = Arc::new(clock.clone());
         let keys = Arc::new(KeyService::new(
@@ -158,7 +198,7 @@ impl TestServer {
         let options = ServeOptions {
             health_interval: Duration::from_millis(100),
             alert_poll_interval: Duration::from_millis(20),
-            ..ServeOptions::default()
+            ..options
         };
         let handle = tokio::spawn(async move {
             app::serve(keys, listener, options, async {
@@ -168,11 +208,19 @@ impl TestServer {
             .expect("server runs");
         });
         // The listener is already bound, so connecting cannot race the server's startup.
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
+        let channel = match client_tls {
+            None => Channel::from_shared(format!("http://{addr}"))
+                .expect("uri")
+                .connect()
+                .await
+                .expect("connect"),
+            // TLS clients connect lazily: a test may expect the handshake to fail.
+            Some(tls) => Channel::from_shared(format!("https://localhost:{}", addr.port()))
+                .expect("uri")
+                .tls_config(tls)
+                .expect("client tls")
+                .connect_lazy(),
+        };
         TestServer {
             addr,
             channel,

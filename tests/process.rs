@@ -1,0 +1,510 @@
+//! The real `sendable-keys` binary as a platform runs it: credentials, JSON logs, the admin
+//! listener, OTLP export, and SIGTERM. Each test starts its own process on free ports.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use sendable_keys::cli::token_sha256;
+use sendable_keys::grpc::pb;
+use sendable_keys::grpc::pb::key_service_client::KeyServiceClient;
+use sendable_keys::grpc::pb::usage_service_client::UsageServiceClient;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+const ADMIN_TOKEN: &str = "skt_ops-token-that-must-never-be-logged-42";
+const SERVICE_TOKEN: &str = "skt_chat-token-that-must-never-be-logged-42";
+const PEPPER: &str = "pepper-that-must-never-be-logged-0123456789";
+
+/// A running binary, its log lines, and the addresses it announced.
+struct Process {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    grpc: String,
+    admin: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Process {
+    fn start(extra_env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let credentials = dir.path().join("credentials.toml");
+        std::fs::write(
+            &credentials,
+            format!(
+                "[[caller]]\nname = \"ops\"\nrole = \"admin\"\ntoken_sha256 = \"{}\"\n\n\
+                 [[caller]]\nname = \"chat-service\"\nrole = \"service\"\ntoken_sha256 = \"{}\"\n",
+                token_sha256(ADMIN_TOKEN),
+                token_sha256(SERVICE_TOKEN)
+            ),
+        )
+        .expect("write credentials");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sendable-keys"));
+        command
+            .env_clear()
+            .env("SENDABLE_KEYS_LISTEN", "127.0.0.1:0")
+            .env("SENDABLE_KEYS_ADMIN_LISTEN", "127.0.0.1:0")
+            .env("SENDABLE_KEYS_LOG_FORMAT", "json")
+            .env(
+                "SENDABLE_KEYS_LOG",
+                "debug,h2=info,hyper=info,tower=info,opentelemetry=info",
+            )
+            .env("SENDABLE_KEYS_CREDENTIALS_FILE", &credentials)
+            .env("SENDABLE_KEYS_PEPPER", PEPPER)
+            .env("SENDABLE_KEYS_ALERT_POLL_INTERVAL", "50ms")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in extra_env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("the binary starts");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel::<String>();
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let lines = lines.clone();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = tx.send(line.clone());
+                    lines.lock().expect("lines").push(line);
+                }
+            });
+        }
+        let mut grpc = None;
+        let mut admin = None;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while grpc.is_none() || admin.is_none() {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("the server announces its addresses");
+            let addr = || {
+                let start = line.find("\"addr\":\"")? + 8;
+                let end = line[start..].find('"')? + start;
+                Some(line[start..end].to_owned())
+            };
+            if line.contains("gRPC listening") {
+                grpc = addr();
+            } else if line.contains("admin HTTP listening") {
+                admin = addr();
+            }
+        }
+        Process {
+            child,
+            lines,
+            grpc: grpc.expect("grpc address"),
+            admin: admin.expect("admin address"),
+            _dir: dir,
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.grpc))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    fn sigterm(&self) {
+        // SAFETY: kill(2) with a pid we spawned and own.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "SIGTERM delivered");
+    }
+
+    /// Waits for the exit (bounded), returning its status and how long it took.
+    fn wait(&mut self, within: Duration) -> (ExitStatus, Duration) {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return (status, started.elapsed());
+            }
+            assert!(
+                started.elapsed() < within,
+                "the process did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.lines.lock().expect("lines").join("\n")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// GET on the admin listener: (status code, body).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("admin reachable");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let value: MetadataValue<_> = format!("Bearer {token}").parse().expect("metadata");
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_logs_or_the_metrics() {
+    let mut process = Process::start(&[]);
+    let mut keys = KeyServiceClient::new(process.channel().await);
+    let mut usage = UsageServiceClient::new(process.channel().await);
+    keys.create_session(authed(
+        pb::CreateSessionRequest {
+            session_id: "acme-logs".into(),
+            environment: pb::Environment::Live as i32,
+            plan: pb::Plan::Pro as i32,
+            ..Default::default()
+        },
+        ADMIN_TOKEN,
+    ))
+    .await
+    .expect("session");
+    let mut secrets = Vec::new();
+    let created = keys
+        .create_key(authed(
+            pb::CreateKeyRequest {
+                session_id: "acme-logs".into(),
+                name: "n".into(),
+                expire_time: None,
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .expect("key")
+        .into_inner();
+    secrets.push(created.secret.clone());
+    let key_id = created.key.expect("key").key_id;
+    for key in [
+        created.secret.clone(),
+        format!(" {} ", created.secret),
+        created.secret.replace('a', "b"),
+    ] {
+        keys.verify_key(authed(
+            pb::VerifyKeyRequest {
+                key,
+                expected_environment: 0,
+                cost: 0,
+            },
+            SERVICE_TOKEN,
+        ))
+        .await
+        .expect("verify");
+    }
+    let rotated = keys
+        .rotate_key(authed(
+            pb::RotateKeyRequest {
+                key_id: key_id.clone(),
+                grace_period: None,
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .expect("rotate")
+        .into_inner();
+    secrets.push(rotated.secret.clone());
+    keys.revoke_key(authed(
+        pb::RevokeKeyRequest {
+            key_id: rotated.new_key.expect("new").key_id,
+            reason: "done".into(),
+        },
+        ADMIN_TOKEN,
+    ))
+    .await
+    .expect("revoke");
+    usage
+        .record_outcomes(authed(
+            pb::RecordOutcomesRequest {
+                outcomes: vec![pb::Outcome {
+                    key_id,
+                    success: false,
+                    error_code: "500".into(),
+                    ..Default::default()
+                }],
+            },
+            SERVICE_TOKEN,
+        ))
+        .await
+        .expect("outcomes");
+    // Refused calls log their refusal; they must not log the token they carried.
+    let _ = keys
+        .create_session(authed(pb::CreateSessionRequest::default(), SERVICE_TOKEN))
+        .await;
+    let _ = keys
+        .get_session(authed(
+            pb::GetSessionRequest {
+                session_id: "x".into(),
+            },
+            "wrong-token-also-secret-1234",
+        ))
+        .await;
+
+    let (status, metrics) = http_get(&process.admin, "/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("sendable_keys_grpc_requests_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("caller=\"chat-service\""),
+        "callers are labelled"
+    );
+    assert!(metrics.contains("sendable_keys_verify_decisions_total"));
+    assert!(metrics.contains("decision=\"VALID\""));
+    assert!(metrics.contains("sendable_keys_grpc_request_duration_seconds_bucket"));
+    assert!(!metrics.contains("acme-logs"), "no session ids in labels");
+
+    process.sigterm();
+    let (exit, _) = process.wait(Duration::from_secs(30));
+    assert!(exit.success(), "{exit:?}");
+    let logs = process.logs();
+    assert!(
+        logs.contains("\"caller\":\"ops\""),
+        "the caller's name is in the logs"
+    );
+    for secret in &secrets {
+        let secret_part = &secret[secret.len() - 36..secret.len() - 6];
+        for haystack in [&logs, &metrics] {
+            assert!(!haystack.contains(secret_part), "a key's secret leaked");
+        }
+    }
+    for needle in [
+        ADMIN_TOKEN,
+        SERVICE_TOKEN,
+        "wrong-token-also-secret-1234",
+        PEPPER,
+        &token_sha256(ADMIN_TOKEN),
+    ] {
+        assert!(!logs.contains(needle), "{needle} leaked into the logs");
+        assert!(
+            !metrics.contains(needle),
+            "{needle} leaked into the metrics"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_reports_not_serving_ends_streams_drains_and_exits_zero() {
+    let mut process = Process::start(&[("SENDABLE_KEYS_DRAIN_TIMEOUT", "2s")]);
+    assert_eq!(http_get(&process.admin, "/readyz").0, 200);
+    assert_eq!(http_get(&process.admin, "/livez").0, 200);
+    let channel = process.channel().await;
+    let mut keys = KeyServiceClient::new(channel.clone());
+    keys.create_session(authed(
+        pb::CreateSessionRequest {
+            session_id: "acme-drain".into(),
+            environment: pb::Environment::Live as i32,
+            plan: pb::Plan::Free as i32,
+            ..Default::default()
+        },
+        ADMIN_TOKEN,
+    ))
+    .await
+    .expect("session");
+    // Two long-lived calls in flight: an alert stream (ours, ends on shutdown) and a health
+    // watch (which only the drain timeout ends).
+    let mut alerts = UsageServiceClient::new(channel.clone())
+        .watch_alerts(authed(
+            pb::WatchAlertsRequest {
+                session_id: "acme-drain".into(),
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .expect("watch alerts")
+        .into_inner();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("watch health")
+        .into_inner();
+    let first = health.message().await.expect("health").expect("status");
+    assert_eq!(
+        first.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    let signalled = Instant::now();
+    process.sigterm();
+    // Health turns NOT_SERVING for those still watching.
+    let next = health
+        .message()
+        .await
+        .expect("health stream")
+        .expect("status update");
+    assert_eq!(
+        next.status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
+    // The alert stream ends cleanly (an orderly end of stream, not an error).
+    let end = tokio::time::timeout(Duration::from_secs(10), alerts.message())
+        .await
+        .expect("stream ends");
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    // The health watch keeps the server draining until the 2 s bound, then the process
+    // exits with status 0.
+    let (exit, _) = process.wait(Duration::from_secs(15));
+    let took = signalled.elapsed();
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        took >= Duration::from_millis(1900),
+        "waited for the in-flight call: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "bounded by the drain timeout: {took:?}"
+    );
+    // New connections are refused once it is gone.
+    assert!(TcpStream::connect(&process.grpc).is_err());
+    let logs = process.logs();
+    assert!(logs.contains("SIGTERM received"), "{logs}");
+    assert!(logs.contains("drain timeout"), "{logs}");
+}
+
+/// A minimal OTLP/gRPC collector that keeps the spans it receives.
+mod collector {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use opentelemetry_proto::tonic::trace::v1::Span;
+
+    #[derive(Clone, Default)]
+    pub struct Collector {
+        pub spans: Arc<Mutex<Vec<Span>>>,
+        pub notify: Arc<tokio::sync::Notify>,
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let mut spans = self.spans.lock().expect("spans");
+            for resource in request.into_inner().resource_spans {
+                for scope in resource.scope_spans {
+                    spans.extend(scope.spans);
+                }
+            }
+            self.notify.notify_waiters();
+            Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+
+    pub async fn start() -> (String, Collector) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let collector = Collector::default();
+        let service = TraceServiceServer::new(collector.clone());
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+                .expect("collector serves");
+        });
+        (format!("http://{addr}"), collector)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_are_exported_over_otlp_and_continue_the_callers_trace() {
+    let (endpoint, collector) = collector::start().await;
+    let mut process = Process::start(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_SERVICE_NAME", "sendable-keys-test"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ]);
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut request = authed(
+        pb::VerifyKeyRequest {
+            key: "sk_live_nonsense".into(),
+            expected_environment: 0,
+            cost: 0,
+        },
+        SERVICE_TOKEN,
+    );
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01")
+            .parse()
+            .expect("metadata"),
+    );
+    KeyServiceClient::new(process.channel().await)
+        .verify_key(request)
+        .await
+        .expect("verify");
+    // SIGTERM flushes whatever the batch exporter still holds.
+    process.sigterm();
+    let (exit, _) = process.wait(Duration::from_secs(30));
+    assert!(exit.success());
+    let spans = collector.spans.lock().expect("spans").clone();
+    let by_trace: HashMap<String, Vec<String>> = spans.iter().fold(HashMap::new(), |mut m, s| {
+        m.entry(hex::encode(&s.trace_id))
+            .or_default()
+            .push(s.name.clone());
+        m
+    });
+    let ours = by_trace
+        .get(trace_id)
+        .unwrap_or_else(|| panic!("no span continued the caller's trace: {by_trace:?}"));
+    assert!(ours.iter().any(|name| name == "rpc"), "{ours:?}");
+    let rpc = spans
+        .iter()
+        .find(|s| hex::encode(&s.trace_id) == trace_id && s.name == "rpc")
+        .expect("rpc span");
+    assert_eq!(hex::encode(&rpc.parent_span_id), "00f067aa0ba902b7");
+    let method = rpc
+        .attributes
+        .iter()
+        .find(|a| a.key == "rpc.method")
+        .and_then(|a| a.value.as_ref())
+        .map(|v| format!("{v:?}"));
+    assert!(
+        method.is_some_and(|m| m.contains("VerifyKey")),
+        "{:?}",
+        rpc.attributes
+    );
+}
