@@ -117,21 +117,25 @@ impl AccessPolicy {
         }
     }
 
-    /// Decides a request: the caller (name for logs, audit and metrics) or the refusal.
+    /// Decides a request: the caller (name for logs, audit and metrics) or the refusal, with
+    /// the name of the caller when it was known but lacked the role.
     fn check(
         &self,
         path: &str,
         headers: &http::HeaderMap,
         peer: Option<SocketAddr>,
-    ) -> Result<Actor, tonic::Status> {
+    ) -> Result<Actor, (tonic::Status, Option<String>)> {
         let Some(credentials) = &self.credentials else {
             if auth::is_open(path) || peer.is_some_and(|p| p.ip().is_loopback()) {
                 return Ok(Actor::anonymous());
             }
-            return Err(access_denied(
-                Code::PermissionDenied,
-                "this server has no credentials configured and serves only loopback callers; \
-                 set SENDABLE_KEYS_CREDENTIALS_FILE",
+            return Err((
+                access_denied(
+                    Code::PermissionDenied,
+                    "this server has no credentials configured and serves only loopback callers; \
+                     set SENDABLE_KEYS_CREDENTIALS_FILE",
+                ),
+                None,
             ));
         };
         let token = headers
@@ -147,24 +151,23 @@ impl AccessPolicy {
             return Ok(caller.map_or_else(Actor::anonymous, |c| Actor(c.name.clone())));
         }
         let Some(caller) = caller else {
-            return Err(access_denied(
-                Code::Unauthenticated,
-                if token.is_none() {
-                    "missing credentials: send `authorization: Bearer <token>`"
-                } else {
-                    "invalid token"
-                },
-            ));
+            let message = if token.is_none() {
+                "missing credentials: send `authorization: Bearer <token>`"
+            } else {
+                "invalid token"
+            };
+            return Err((access_denied(Code::Unauthenticated, message), None));
         };
         if !auth::allows(caller.role, path) {
-            return Err(access_denied(
-                Code::PermissionDenied,
-                format!(
-                    "caller {} (role {}) may not call {}; it needs role admin",
-                    caller.name,
-                    caller.role.name(),
-                    method_label(path)
-                ),
+            let message = format!(
+                "caller {} (role {}) may not call {}; it needs role admin",
+                caller.name,
+                caller.role.name(),
+                method_label(path)
+            );
+            return Err((
+                access_denied(Code::PermissionDenied, message),
+                Some(caller.name.clone()),
             ));
         }
         Ok(Actor(caller.name.clone()))
@@ -257,10 +260,11 @@ where
             peer_of(&request),
         ) {
             Ok(actor) => actor,
-            Err(status) => {
+            Err((status, caller)) => {
                 let code = code_name(status.code());
-                tracing::warn!(method, code, peer = ?peer_of(&request), "request refused: {}", status.message());
-                record(method, code, "unauthenticated".to_owned(), started);
+                let caller = caller.unwrap_or_else(|| "unauthenticated".to_owned());
+                tracing::warn!(method, code, %caller, peer = ?peer_of(&request), "request refused: {}", status.message());
+                record(method, code, caller, started);
                 return Box::pin(std::future::ready(Ok(status.into_http())));
             }
         };
@@ -347,15 +351,21 @@ mod tests {
                 .map(|a| a.0),
             Some("ops".into())
         );
-        let denied = p
+        let (denied, who) = p
             .check(CREATE, &headers(Some("chat-token")), remote)
             .expect_err("service may not create");
         assert_eq!(denied.code(), Code::PermissionDenied);
+        assert_eq!(
+            who.as_deref(),
+            Some("chat"),
+            "metrics name the refused caller"
+        );
         for token in [None, Some("wrong"), Some("")] {
-            let err = p
+            let (err, who) = p
                 .check(VERIFY, &headers(token), remote)
                 .expect_err("no valid token");
             assert_eq!(err.code(), Code::Unauthenticated, "{token:?}");
+            assert_eq!(who, None);
         }
         assert!(
             p.check(HEALTH, &headers(None), remote).is_ok(),
@@ -374,7 +384,7 @@ mod tests {
             Some(Actor::ANONYMOUS.into())
         );
         assert!(p.check(CREATE, &headers(None), loopback6).is_ok());
-        let err = p
+        let (err, _) = p
             .check(VERIFY, &headers(None), remote)
             .expect_err("remote peer");
         assert_eq!(err.code(), Code::PermissionDenied);
