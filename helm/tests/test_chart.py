@@ -677,6 +677,15 @@ class HelmTest(unittest.TestCase):
         selector = only(docs, "Service", FULLNAME)["spec"]["selector"]
         self.assertFalse(all(pod["metadata"]["labels"].get(k) == v for k, v in selector.items()))
 
+    def test_trusts_the_tls_ca(self):
+        docs = render({"tls": {"enabled": True, "existingSecret": "keys-tls"}})
+        (c,) = only(docs, "Pod")["spec"]["containers"]
+        self.assertEqual(
+            c["args"],
+            ["health", "--addr", f"https://{FULLNAME}.{NAMESPACE}.svc:50051",
+             "--tls-ca", "/etc/sendable-keys/tls/ca.crt"],
+        )
+
     def test_can_be_disabled(self):
         self.assertNotIn("Pod", kinds(render({"tests": {"enabled": False}})))
 
