@@ -15,13 +15,14 @@ WORKDIR /src
 # Dependencies first, in their own layers: a stub crate with the real manifest and lockfile
 # (and a stub build script, so the build-dependencies protox and tonic-prost-build are compiled
 # too). These layers are rebuilt only when Cargo.toml or Cargo.lock change, so a source edit
-# recompiles the crate alone. If Cargo.toml ever lists targets with explicit paths ([[bin]],
-# [[test]], [[bench]]), add stubs for them here.
+# recompiles the crate alone. Targets Cargo.toml lists ([[bench]]) get stub files.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src \
+# The manifest names two benchmark targets; cargo wants their files to exist even though a
+# release build never compiles them, so both stages get empty stand-ins.
+RUN mkdir -p src benches \
  && echo 'fn main() {}' > build.rs \
  && echo 'fn main() {}' > src/main.rs \
- && touch src/lib.rs \
+ && touch src/lib.rs benches/loadgen.rs benches/micro.rs \
  && cargo fetch --locked \
  && cargo build --release --locked \
  && rm -rf build.rs src \
@@ -36,7 +37,8 @@ RUN mkdir -p src \
 COPY build.rs ./
 COPY proto ./proto
 COPY src ./src
-RUN cargo build --release --locked \
+RUN mkdir -p benches && touch benches/loadgen.rs benches/micro.rs \
+ && cargo build --release --locked \
  && cp target/release/sendable-keys /sendable-keys
 
 # ---- runtime ---------------------------------------------------------------------------------

@@ -133,8 +133,9 @@ pub struct ServeArgs {
     #[arg(long, env = "SENDABLE_KEYS_REDIS_CLUSTER", default_value_t = false)]
     pub redis_cluster: bool,
 
-    /// Redis connections kept open (each is multiplexed).
-    #[arg(long, env = "SENDABLE_KEYS_REDIS_POOL_SIZE", default_value_t = 4,
+    /// Redis connections kept open (each is multiplexed); half of them (at least one) carry
+    /// VerifyKey and RecordOutcomes, the rest everything else.
+    #[arg(long, env = "SENDABLE_KEYS_REDIS_POOL_SIZE", default_value_t = 2,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub redis_pool_size: u16,
 

@@ -4,168 +4,39 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
+
+use common::process::{Process, http_get};
 
 use sendable_keys::cli::token_sha256;
 use sendable_keys::grpc::pb;
 use sendable_keys::grpc::pb::key_service_client::KeyServiceClient;
 use sendable_keys::grpc::pb::usage_service_client::UsageServiceClient;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
 
 const ADMIN_TOKEN: &str = "skt_ops-token-that-must-never-be-logged-42";
 const SERVICE_TOKEN: &str = "skt_chat-token-that-must-never-be-logged-42";
 const PEPPER: &str = "pepper-that-must-never-be-logged-0123456789";
 
-/// A running binary, its log lines, and the addresses it announced.
-struct Process {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    grpc: String,
-    admin: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Process {
-    fn start(extra_env: &[(&str, &str)]) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let credentials = dir.path().join("credentials.toml");
-        std::fs::write(
-            &credentials,
-            format!(
-                "[[caller]]\nname = \"ops\"\nrole = \"admin\"\ntoken_sha256 = \"{}\"\n\n\
-                 [[caller]]\nname = \"chat-service\"\nrole = \"service\"\ntoken_sha256 = \"{}\"\n",
-                token_sha256(ADMIN_TOKEN),
-                token_sha256(SERVICE_TOKEN)
-            ),
-        )
-        .expect("write credentials");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_sendable-keys"));
-        command
-            .env_clear()
-            .env("SENDABLE_KEYS_LISTEN", "127.0.0.1:0")
-            .env("SENDABLE_KEYS_ADMIN_LISTEN", "127.0.0.1:0")
-            .env("SENDABLE_KEYS_LOG_FORMAT", "json")
-            .env(
-                "SENDABLE_KEYS_LOG",
-                "debug,h2=info,hyper=info,tower=info,opentelemetry=info",
-            )
-            .env("SENDABLE_KEYS_CREDENTIALS_FILE", &credentials)
-            .env("SENDABLE_KEYS_PEPPER", PEPPER)
-            .env("SENDABLE_KEYS_ALERT_POLL_INTERVAL", "50ms")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in extra_env {
-            command.env(k, v);
-        }
-        let mut child = command.spawn().expect("the binary starts");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel::<String>();
-        for stream in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")),
-        ] {
-            let lines = lines.clone();
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    let _ = tx.send(line.clone());
-                    lines.lock().expect("lines").push(line);
-                }
-            });
-        }
-        let mut grpc = None;
-        let mut admin = None;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while grpc.is_none() || admin.is_none() {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("the server announces its addresses");
-            let addr = || {
-                let start = line.find("\"addr\":\"")? + 8;
-                let end = line[start..].find('"')? + start;
-                Some(line[start..end].to_owned())
-            };
-            if line.contains("gRPC listening") {
-                grpc = addr();
-            } else if line.contains("admin HTTP listening") {
-                admin = addr();
-            }
-        }
-        Process {
-            child,
-            lines,
-            grpc: grpc.expect("grpc address"),
-            admin: admin.expect("admin address"),
-            _dir: dir,
-        }
-    }
-
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.grpc))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect")
-    }
-
-    fn sigterm(&self) {
-        // SAFETY: kill(2) with a pid we spawned and own.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(rc, 0, "SIGTERM delivered");
-    }
-
-    /// Waits for the exit (bounded), returning its status and how long it took.
-    fn wait(&mut self, within: Duration) -> (ExitStatus, Duration) {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return (status, started.elapsed());
-            }
-            assert!(
-                started.elapsed() < within,
-                "the process did not exit within {within:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn logs(&self) -> String {
-        self.lines.lock().expect("lines").join("\n")
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// GET on the admin listener: (status code, body).
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).expect("admin reachable");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+/// The binary with two callers (an admin and a service), the test pepper, debug JSON logs.
+fn start(extra_env: &[(&str, &str)]) -> Process {
+    let mut env = vec![
+        ("SENDABLE_KEYS_PEPPER", PEPPER),
+        ("SENDABLE_KEYS_ALERT_POLL_INTERVAL", "50ms"),
+        (
+            "SENDABLE_KEYS_LOG",
+            "debug,h2=info,hyper=info,tower=info,opentelemetry=info",
+        ),
+    ];
+    env.extend_from_slice(extra_env);
+    Process::start(
+        &[
+            ("ops", "admin", ADMIN_TOKEN),
+            ("chat-service", "service", SERVICE_TOKEN),
+        ],
+        &env,
     )
-    .expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
@@ -177,7 +48,7 @@ fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_the_logs_or_the_metrics() {
-    let mut process = Process::start(&[]);
+    let mut process = start(&[]);
     let mut keys = KeyServiceClient::new(process.channel().await);
     let mut usage = UsageServiceClient::new(process.channel().await);
     keys.create_session(authed(
@@ -316,7 +187,7 @@ async fn no_secret_reaches_the_logs_or_the_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_reports_not_serving_ends_streams_drains_and_exits_zero() {
-    let mut process = Process::start(&[("SENDABLE_KEYS_DRAIN_TIMEOUT", "2s")]);
+    let mut process = start(&[("SENDABLE_KEYS_DRAIN_TIMEOUT", "2s")]);
     assert_eq!(http_get(&process.admin, "/readyz").0, 200);
     assert_eq!(http_get(&process.admin, "/livez").0, 200);
     let channel = process.channel().await;
@@ -452,7 +323,7 @@ mod collector {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traces_are_exported_over_otlp_and_continue_the_callers_trace() {
     let (endpoint, collector) = collector::start().await;
-    let mut process = Process::start(&[
+    let mut process = start(&[
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
         ("OTEL_SERVICE_NAME", "sendable-keys-test"),
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),

@@ -161,3 +161,55 @@ async fn losing_redis_fails_closed_and_recovers() {
         pb::Decision::Valid
     );
 }
+
+/// Redis forgets its scripts (a restart, a failover to a replica that never loaded them,
+/// SCRIPT FLUSH): the next call reloads the script and succeeds, on standalone and cluster.
+async fn scripts_are_reloaded_after_a_flush(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut c = server.keys();
+    let id = unique_session("noscript");
+    create_session(&mut c, &id, pb::Plan::Pro, pb::Environment::Live).await;
+    let (key, secret) = create_key(&mut c, &id).await;
+    assert_eq!(
+        decision(&verify(&mut c, &secret).await),
+        pb::Decision::Valid
+    );
+    for url in server.redis_urls() {
+        let mut conn = ::redis::Client::open(url)
+            .expect("url")
+            .get_connection()
+            .expect("connect");
+        let _: () = ::redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query(&mut conn)
+            .expect("flush");
+    }
+    assert_eq!(
+        decision(&verify(&mut c, &secret).await),
+        pb::Decision::Valid
+    );
+    let revoked = c
+        .revoke_key(pb::RevokeKeyRequest {
+            key_id: key.key_id,
+            reason: "after flush".into(),
+        })
+        .await
+        .expect("revoke after flush")
+        .into_inner();
+    assert_eq!(revoked.status, pb::KeyStatus::Revoked as i32);
+    assert_eq!(
+        decision(&verify(&mut c, &secret).await),
+        pb::Decision::Revoked
+    );
+}
+
+mod noscript {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis() {
+        super::scripts_are_reloaded_after_a_flush(super::Backend::Redis).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cluster() {
+        super::scripts_are_reloaded_after_a_flush(super::Backend::Cluster).await;
+    }
+}

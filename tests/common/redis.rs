@@ -6,6 +6,10 @@
 //! the process exits, with `PR_SET_PDEATHSIG`, so the kernel kills them when it does — even if
 //! a test panics or the run is interrupted. Startup waits for redis-server's own "Ready to
 //! accept connections" line instead of sleeping.
+//!
+//! Also used by the load generator (`benches/loadgen.rs`), which needs only part of it.
+
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;

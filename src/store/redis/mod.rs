@@ -246,14 +246,30 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Runs `op` on the next lane's connection, within the timeout; `name` labels the
-    /// operation's latency and error metrics.
+    /// The lane for an operation. The per-request operations (VerifyKey, RecordOutcomes) use
+    /// the first half of the lanes ("hot"), everything else the other half, so a large
+    /// management pipeline (a year of a big session's usage) never queues in front of a
+    /// verification on the same multiplexed socket. Within a half, round-robin. Fewer sockets
+    /// carry more requests per write, which is what makes the hot path cheap (BENCHMARKS.md).
+    fn lane_for(&self, name: &str) -> usize {
+        let lanes = self.lanes.len();
+        let hot = (lanes / 2).max(1);
+        let n = self.next_lane.fetch_add(1, Ordering::Relaxed);
+        match name {
+            "verify" | "record_outcomes" => n % hot,
+            _ if lanes > hot => hot + n % (lanes - hot),
+            _ => n % lanes,
+        }
+    }
+
+    /// Runs `op` on the lane for `name`, within the timeout; `name` labels the operation's
+    /// latency and error metrics.
     async fn run<T, F, Fut>(&self, name: &'static str, op: F) -> StoreResult<T>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let index = self.next_lane.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        let index = self.lane_for(name);
         let work = async {
             let existing = self.lane(index).clone();
             let conn = match existing {
@@ -404,6 +420,31 @@ fn parse_record(id: KeyId, fields: &[Option<String>]) -> StoreResult<Option<KeyR
             .map(|v| KeyId::parse(v).ok_or_else(bad))
             .transpose()?,
     }))
+}
+
+/// An EVALSHA of `script` over `keys`, as one command: its arguments go into one buffer
+/// instead of a vector per argument (`redis::Script`'s invocation), which the VerifyKey
+/// profile showed as allocation and copying on every call.
+fn evalsha(script: &redis::Script, keys: &[String]) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
+    cmd
+}
+
+/// Runs an [`evalsha`] command; if the server does not know the script (a restart, a failover,
+/// SCRIPT FLUSH), loads it and tries once more.
+async fn eval<T: redis::FromRedisValue>(
+    conn: &mut Conn,
+    script: &redis::Script,
+    cmd: &Cmd,
+) -> RedisResult<T> {
+    match cmd.query_async(conn).await {
+        Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        other => other,
+    }
 }
 
 /// The stored hash: the version byte, then the hash, so the script compares both at once.
@@ -722,19 +763,18 @@ impl KeyStore for RedisStore {
             self.keys.usage_day(id, today),
             self.keys.minute_requests(id, hour),
         ];
+        let mut cmd = evalsha(&scripts::VERIFY, &names);
+        cmd.arg(versioned(request.hash_version, &request.hash))
+            .arg(now)
+            .arg(request.cost)
+            .arg(request.expected_environment.map_or(0, Environment::code))
+            .arg(&request.plan_rate_limits[..])
+            .arg(day_ttl_secs(today, now, request.usage_retention_days))
+            .arg(minute_of(now).rem_euclid(60))
+            .arg(minute_ttl_secs(hour, now));
         let reply: Vec<Value> = self
             .run("verify", |mut c| async move {
-                let mut inv = scripts::VERIFY.prepare_invoke();
-                inv.key(&names[..])
-                    .arg(versioned(request.hash_version, &request.hash))
-                    .arg(now)
-                    .arg(request.cost)
-                    .arg(request.expected_environment.map_or(0, Environment::code))
-                    .arg(&request.plan_rate_limits[..])
-                    .arg(day_ttl_secs(today, now, request.usage_retention_days))
-                    .arg(minute_of(now).rem_euclid(60))
-                    .arg(minute_ttl_secs(hour, now));
-                inv.invoke_async(&mut c).await
+                eval(&mut c, &scripts::VERIFY, &cmd).await
             })
             .await?;
         decode_verify(&reply)

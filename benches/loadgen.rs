@@ -1,0 +1,796 @@
+//! The load generator and benchmark harness: `cargo bench --bench loadgen`.
+//!
+//! It starts its own `redis-server` and the release-built `sendable-keys` (one process on the
+//! in-memory store, one on Redis; two more on Redis for the exactness check), creates sessions
+//! and keys, then drives closed-loop gRPC load: `--concurrency` requests in flight over
+//! `--connections` HTTP/2 connections for `--duration` per scenario, after a warm-up. For each
+//! scenario it prints throughput, p50/p90/p99/p99.9 latency, the service's CPU microseconds per
+//! call (from /proc) and Redis commands and round trips per call (from INFO commandstats).
+//!
+//! Every ratio is measured within the same run: VerifyKey's throughput is divided by the
+//! throughput of the same server's empty RPC (`grpc.health.v1.Health/Check`), the gRPC ceiling
+//! of this machine under this load generator. The machines are shared and noisy, so absolute
+//! numbers move between runs; the ratios much less.
+//!
+//! Options (after `--`): `--duration 10s --warmup 2s --concurrency 64 --connections 4
+//! --keys 1000 --memory-keys 100000 --only <scenario substring>`.
+
+#[path = "../tests/common/process.rs"]
+mod process;
+#[path = "../tests/common/redis.rs"]
+mod redis_harness;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use process::Process;
+use sendable_keys::grpc::pb;
+use sendable_keys::grpc::pb::key_service_client::KeyServiceClient;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+const ADMIN: &str = "skt_bench-admin-token-0123456789abcdef";
+const SERVICE: &str = "skt_bench-service-token-0123456789abcd";
+const PEPPER: &str = "bench-pepper-0123456789abcdef-0123456789";
+
+#[derive(Parser, Debug)]
+#[command(about = "sendable-keys load generator")]
+struct Args {
+    #[arg(long, default_value = "10s", value_parser = sendable_keys::config::parse_duration)]
+    duration: Duration,
+    #[arg(long, default_value = "2s", value_parser = sendable_keys::config::parse_duration)]
+    warmup: Duration,
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Keys verified in the throughput scenarios.
+    #[arg(long, default_value_t = 1000)]
+    keys: usize,
+    /// Keys created to measure Redis memory per key (0 skips it).
+    #[arg(long, default_value_t = 100_000)]
+    memory_keys: usize,
+    /// Redis connections of the service (SENDABLE_KEYS_REDIS_POOL_SIZE).
+    #[arg(long, default_value_t = 2)]
+    redis_pool_size: u16,
+    /// Worker threads of the service (SENDABLE_KEYS_WORKER_THREADS; 0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    worker_threads: usize,
+    /// Run only scenarios whose name contains this.
+    #[arg(long)]
+    only: Option<String>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
+    let value: MetadataValue<_> = format!("Bearer {token}").parse().expect("metadata");
+    with_auth(message, value)
+}
+
+/// A request with a prepared `authorization` value (what a real client does: build it once).
+fn with_auth<T>(message: T, value: MetadataValue<tonic::metadata::Ascii>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
+/// A service process and what the harness knows about it.
+struct Service {
+    process: Process,
+    name: &'static str,
+}
+
+impl Service {
+    fn start(name: &'static str, redis_url: Option<&str>, pool_size: u16, workers: usize) -> Self {
+        let pool_size = pool_size.to_string();
+        let workers = workers.to_string();
+        let mut env = vec![
+            ("SENDABLE_KEYS_REDIS_POOL_SIZE", pool_size.as_str()),
+            ("SENDABLE_KEYS_WORKER_THREADS", workers.as_str()),
+            ("SENDABLE_KEYS_PEPPER", PEPPER),
+            // Production-like logging: warnings, plus the app's startup lines.
+            ("SENDABLE_KEYS_LOG", "warn,sendable_keys::app=info"),
+        ];
+        if let Some(url) = redis_url {
+            env.push(("REDIS_URL", url));
+        }
+        let process = Process::start(
+            &[("ops", "admin", ADMIN), ("bench", "service", SERVICE)],
+            &env,
+        );
+        Service { process, name }
+    }
+
+    fn pid(&self) -> i32 {
+        self.process.child.id() as i32
+    }
+
+    async fn channels(&self, n: usize) -> Vec<Channel> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.process.channel().await);
+        }
+        out
+    }
+}
+
+/// CPU time (user + system) a process has used.
+fn cpu_time(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+fn rss_mib(pid: i32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn redis_conn(url: &str) -> ::redis::Connection {
+    ::redis::Client::open(url)
+        .expect("url")
+        .get_connection()
+        .expect("redis")
+}
+
+/// Redis's own CPU time (INFO cpu: used_cpu_user + used_cpu_sys of the main thread and all).
+fn redis_cpu(conn: &mut ::redis::Connection) -> Duration {
+    let info: String = ::redis::cmd("INFO").arg("cpu").query(conn).expect("info");
+    let field = |name: &str| -> f64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    Duration::from_secs_f64(field("used_cpu_user:") + field("used_cpu_sys:"))
+}
+
+/// Calls per command from INFO commandstats (health pings and our own INFO excluded).
+fn commandstats(conn: &mut ::redis::Connection) -> BTreeMap<String, u64> {
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query(conn)
+        .expect("info");
+    info.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+            Some((name.to_owned(), calls.parse().ok()?))
+        })
+        .filter(|(name, _)| !matches!(name.as_str(), "ping" | "info" | "config|resetstat"))
+        .collect()
+}
+
+struct Measured {
+    calls: u64,
+    errors: u64,
+    elapsed: Duration,
+    latencies_us: Vec<u32>,
+    /// CPU time of the service, of Redis (if used) and of this load generator.
+    cpu: Duration,
+    redis_cpu: Option<Duration>,
+    loadgen_cpu: Duration,
+    redis: Option<(f64, f64)>,
+}
+
+impl Measured {
+    fn rate(&self) -> f64 {
+        self.calls as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&self, q: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return 0.0;
+        }
+        let i = ((q * self.latencies_us.len() as f64).ceil() as usize)
+            .clamp(1, self.latencies_us.len())
+            - 1;
+        f64::from(self.latencies_us[i]) / 1000.0
+    }
+}
+
+/// Closed-loop load: `concurrency` workers over the channels, each calling `call` back to back
+/// for warm-up + duration; only the measured part counts.
+async fn drive<F, Fut>(
+    args: &Args,
+    concurrency: usize,
+    channels: &[Channel],
+    service: &Service,
+    redis: Option<&str>,
+    call: F,
+) -> Measured
+where
+    F: Fn(Channel, u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..concurrency {
+        let channel = channels[w % channels.len()].clone();
+        let call = call.clone();
+        let (measuring, stop) = (measuring.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(1 << 16);
+            let mut errors = 0u64;
+            let mut n = w as u64 * 7919;
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let ok = call(channel.clone(), n).await;
+                n += 1;
+                if measuring.load(Ordering::Relaxed) {
+                    latencies.push(started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                    errors += u64::from(!ok);
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    tokio::time::sleep(args.warmup).await;
+    let mut conn = redis.map(redis_conn);
+    let before_stats = conn.as_mut().map(commandstats);
+    let redis_cpu_before = conn.as_mut().map(redis_cpu);
+    let own = std::process::id() as i32;
+    let loadgen_before = cpu_time(own);
+    let cpu_before = cpu_time(service.pid());
+    let started = Instant::now();
+    measuring.store(true, Ordering::Relaxed);
+    tokio::time::sleep(args.duration).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    let cpu = cpu_time(service.pid()) - cpu_before;
+    let loadgen_cpu = cpu_time(own) - loadgen_before;
+    let redis_cpu = match (redis_cpu_before, conn.as_mut().map(redis_cpu)) {
+        (Some(before), Some(after)) => Some(after.saturating_sub(before)),
+        _ => None,
+    };
+    let after_stats = conn.as_mut().map(commandstats);
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies_us = Vec::new();
+    let mut errors = 0;
+    for worker in workers {
+        let (l, e) = worker.await.expect("worker");
+        latencies_us.extend(l);
+        errors += e;
+    }
+    latencies_us.sort_unstable();
+    let calls = latencies_us.len() as u64;
+    let redis = match (before_stats, after_stats) {
+        (Some(before), Some(after)) => {
+            let delta = |name: &str| {
+                after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
+            };
+            let total: u64 = after.keys().map(|k| delta(k)).sum();
+            let round_trips = delta("evalsha") + delta("eval");
+            let inside = total - round_trips;
+            // Calls counted by the workers stop a moment before the stats are read, so
+            // divide by the commands' own count of script calls when it is the larger.
+            let per = calls.max(1) as f64;
+            Some((round_trips as f64 / per, inside as f64 / per))
+        }
+        _ => None,
+    };
+    Measured {
+        calls,
+        errors,
+        elapsed,
+        latencies_us,
+        cpu,
+        redis_cpu,
+        loadgen_cpu,
+        redis,
+    }
+}
+
+struct Report {
+    rows: Vec<(String, usize, usize, Measured)>,
+}
+
+impl Report {
+    fn print_header() {
+        println!(
+            "| scenario | in flight | conns | calls/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | service CPU µs/call | Redis CPU µs/call | loadgen CPU µs/call | Redis round trips/call | Redis cmds in script/call |"
+        );
+        println!(
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        );
+    }
+
+    fn add(&mut self, name: String, concurrency: usize, connections: usize, m: Measured) {
+        let (rt, cmds) = m.redis.map_or(("—".to_owned(), "—".to_owned()), |(rt, c)| {
+            (format!("{rt:.3}"), format!("{c:.2}"))
+        });
+        let per_call = |d: Duration| d.as_micros() as f64 / m.calls.max(1) as f64;
+        let redis_cpu = m
+            .redis_cpu
+            .map_or("—".to_owned(), |d| format!("{:.1}", per_call(d)));
+        println!(
+            "| {name} | {concurrency} | {connections} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {:.1} | {redis_cpu} | {:.1} | {rt} | {cmds} |",
+            m.rate(),
+            m.percentile(0.50),
+            m.percentile(0.90),
+            m.percentile(0.99),
+            m.percentile(0.999),
+            m.errors,
+            per_call(m.cpu),
+            per_call(m.loadgen_cpu),
+        );
+        self.rows.push((name, concurrency, connections, m));
+    }
+
+    fn rate(&self, name: &str) -> Option<f64> {
+        self.rows.iter().find(|r| r.0 == name).map(|r| r.3.rate())
+    }
+}
+
+async fn create_session(channel: &Channel, id: &str, plan: pb::Plan, custom: Option<u32>) {
+    KeyServiceClient::new(channel.clone())
+        .create_session(authed(
+            pb::CreateSessionRequest {
+                session_id: id.to_owned(),
+                environment: pb::Environment::Live as i32,
+                plan: plan as i32,
+                custom_rate_limit_per_minute: custom,
+                custom_max_keys: None,
+            },
+            ADMIN,
+        ))
+        .await
+        .expect("create session");
+}
+
+/// Creates `n` keys spread over `sessions`, 64 in flight; returns the full keys.
+async fn create_keys(channel: &Channel, sessions: &[String], n: usize) -> Vec<String> {
+    let mut out = Vec::with_capacity(n);
+    let mut pending = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let mut client = KeyServiceClient::new(channel.clone());
+        let session = sessions[i % sessions.len()].clone();
+        pending.spawn(async move {
+            client
+                .create_key(authed(
+                    pb::CreateKeyRequest {
+                        session_id: session,
+                        name: format!("bench key {i}"),
+                        expire_time: None,
+                    },
+                    ADMIN,
+                ))
+                .await
+                .expect("create key")
+                .into_inner()
+                .secret
+        });
+        if pending.len() >= 64
+            && let Some(done) = pending.join_next().await
+        {
+            out.push(done.expect("task"));
+        }
+    }
+    while let Some(done) = pending.join_next().await {
+        out.push(done.expect("task"));
+    }
+    out
+}
+
+fn health_call()
+-> impl Fn(Channel, u64) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>> + Clone + Send + 'static
+{
+    |channel, _| {
+        Box::pin(async move {
+            tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .is_ok()
+        })
+    }
+}
+
+fn verify_call(
+    keys: Arc<Vec<String>>,
+    expect: pb::Decision,
+) -> impl Fn(Channel, u64) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>> + Clone + Send + 'static
+{
+    let auth: MetadataValue<_> = format!("Bearer {SERVICE}").parse().expect("metadata");
+    move |channel, n| {
+        let key = keys[(n as usize) % keys.len()].clone();
+        let auth = auth.clone();
+        Box::pin(async move {
+            KeyServiceClient::new(channel)
+                .verify_key(with_auth(
+                    pb::VerifyKeyRequest {
+                        key,
+                        expected_environment: 0,
+                        cost: 0,
+                    },
+                    auth,
+                ))
+                .await
+                .is_ok_and(|r| r.into_inner().decision == expect as i32)
+        })
+    }
+}
+
+fn wanted(args: &Args, name: &str) -> bool {
+    args.only.as_deref().is_none_or(|only| name.contains(only))
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let redis = redis_harness::DedicatedRedis::start();
+    let url = redis.server.url();
+    let version: String = ::redis::cmd("INFO")
+        .arg("server")
+        .query::<String>(&mut redis_conn(&url))
+        .expect("info")
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap_or("?")
+        .trim()
+        .to_owned();
+    println!("# sendable-keys load test");
+    println!();
+    println!(
+        "machine: {cores} cores shared by the load generator, the service and Redis; redis-server {version}; \
+         {} per scenario after {} warm-up; {} keys",
+        humantime(args.duration),
+        humantime(args.warmup),
+        args.keys
+    );
+    println!();
+
+    let memory = Service::start("memory", None, args.redis_pool_size, args.worker_threads);
+    let on_redis = Service::start(
+        "redis",
+        Some(&url),
+        args.redis_pool_size,
+        args.worker_threads,
+    );
+    let mut report = Report { rows: Vec::new() };
+    Report::print_header();
+
+    for service in [&memory, &on_redis] {
+        let channels = service.channels(args.connections).await;
+        let redis_url = (service.name == "redis").then_some(url.as_str());
+        // 1000 keys in 100 Enterprise sessions whose limit never bites: every call is VALID.
+        let sessions: Vec<String> = (0..100)
+            .map(|i| format!("bench-{}-{i}", service.name))
+            .collect();
+        for s in &sessions {
+            create_session(&channels[0], s, pb::Plan::Enterprise, Some(100_000_000)).await;
+        }
+        let keys = Arc::new(create_keys(&channels[0], &sessions, args.keys).await);
+        let ceiling = format!("empty RPC (health), {} server", service.name);
+        if wanted(&args, &ceiling) {
+            let m = drive(
+                &args,
+                args.concurrency,
+                &channels,
+                service,
+                redis_url,
+                health_call(),
+            )
+            .await;
+            report.add(ceiling.clone(), args.concurrency, args.connections, m);
+        }
+        let verify = format!("VerifyKey VALID, {} store", service.name);
+        if wanted(&args, &verify) {
+            let m = drive(
+                &args,
+                args.concurrency,
+                &channels,
+                service,
+                redis_url,
+                verify_call(keys.clone(), pb::Decision::Valid),
+            )
+            .await;
+            report.add(verify.clone(), args.concurrency, args.connections, m);
+        }
+        if service.name == "redis" {
+            let single = "VerifyKey VALID, redis store, 1 in flight".to_owned();
+            if wanted(&args, &single) {
+                let m = drive(
+                    &args,
+                    1,
+                    &channels[..1],
+                    service,
+                    redis_url,
+                    verify_call(keys.clone(), pb::Decision::Valid),
+                )
+                .await;
+                report.add(single, 1, 1, m);
+            }
+            // Free keys, hammered: almost every call is RATE_LIMITED.
+            let limited = "VerifyKey RATE_LIMITED, redis store".to_owned();
+            if wanted(&args, &limited) {
+                create_session(&channels[0], "bench-free", pb::Plan::Free, None).await;
+                let free = Arc::new(create_keys(&channels[0], &["bench-free".to_owned()], 3).await);
+                for key in free.iter() {
+                    for _ in 0..60 {
+                        verify_call(Arc::new(vec![key.clone()]), pb::Decision::Valid)(
+                            channels[0].clone(),
+                            0,
+                        )
+                        .await;
+                    }
+                }
+                let m = drive(
+                    &args,
+                    args.concurrency,
+                    &channels,
+                    service,
+                    redis_url,
+                    verify_call(free, pb::Decision::RateLimited),
+                )
+                .await;
+                report.add(limited, args.concurrency, args.connections, m);
+            }
+            let malformed = "VerifyKey MALFORMED (no store call)".to_owned();
+            if wanted(&args, &malformed) {
+                let junk = Arc::new(vec![
+                    "sk_live_notAKeyAtAll0000000000000000000000000000".to_owned(),
+                ]);
+                let m = drive(
+                    &args,
+                    args.concurrency,
+                    &channels,
+                    service,
+                    redis_url,
+                    verify_call(junk, pb::Decision::Malformed),
+                )
+                .await;
+                report.add(malformed, args.concurrency, args.connections, m);
+            }
+        }
+        println!(
+            "<!-- {} service resident memory after load: {:.1} MiB -->",
+            service.name,
+            rss_mib(service.pid())
+        );
+    }
+    println!();
+    let ratio = |a: &str, b: &str| match (report.rate(a), report.rate(b)) {
+        (Some(a), Some(b)) => format!("{:.2}x", a / b),
+        _ => "—".to_owned(),
+    };
+    println!("| ratio (same run) | value | target |");
+    println!("| --- | ---: | ---: |");
+    println!(
+        "| VerifyKey on Redis / empty RPC | {} | ≥ 0.60x |",
+        ratio(
+            "VerifyKey VALID, redis store",
+            "empty RPC (health), redis server"
+        )
+    );
+    println!(
+        "| VerifyKey in memory / empty RPC | {} | ≥ 0.85x |",
+        ratio(
+            "VerifyKey VALID, memory store",
+            "empty RPC (health), memory server"
+        )
+    );
+    println!();
+    println!("| service resident memory after load | MiB |");
+    println!("| --- | ---: |");
+    println!(
+        "| in-memory store ({} keys) | {:.1} |",
+        args.keys,
+        rss_mib(memory.pid())
+    );
+    println!("| Redis store | {:.1} |", rss_mib(on_redis.pid()));
+    println!();
+
+    if wanted(&args, "exactness") {
+        exactness(&args, &url).await;
+    }
+    if args.memory_keys > 0 && wanted(&args, "memory per key") {
+        memory_per_key(&args).await;
+    }
+}
+
+fn humantime(d: Duration) -> String {
+    format!("{:.0} s", d.as_secs_f64())
+}
+
+/// Two service instances on one Redis, Free keys (60/min) hammered through both: counts the
+/// VALID answers per key and per one-minute window (from each answer's reset_after) and checks
+/// none exceeds the limit.
+async fn exactness(args: &Args, url: &str) {
+    let a = Service::start(
+        "redis-a",
+        Some(url),
+        args.redis_pool_size,
+        args.worker_threads,
+    );
+    let b = Service::start(
+        "redis-b",
+        Some(url),
+        args.redis_pool_size,
+        args.worker_threads,
+    );
+    let ca = a.channels(args.connections).await;
+    let cb = b.channels(args.connections).await;
+    let mut sessions = Vec::new();
+    for i in 0..20 {
+        let id = format!("exact-{i}");
+        create_session(&ca[0], &id, pb::Plan::Free, None).await;
+        sessions.push(id);
+    }
+    let keys = Arc::new(create_keys(&ca[0], &sessions, 60).await);
+    let channels: Vec<Channel> = ca.into_iter().chain(cb).collect();
+    let counts: Arc<std::sync::Mutex<HashMap<(usize, i64), u32>>> = Arc::default();
+    let deadline = Instant::now() + args.duration;
+    let mut workers = Vec::new();
+    for w in 0..args.concurrency {
+        let channel = channels[w % channels.len()].clone();
+        let keys = keys.clone();
+        let counts = counts.clone();
+        workers.push(tokio::spawn(async move {
+            let mut n = w;
+            let mut calls = 0u64;
+            while Instant::now() < deadline {
+                let k = n % keys.len();
+                n += 1;
+                let response = KeyServiceClient::new(channel.clone())
+                    .verify_key(authed(
+                        pb::VerifyKeyRequest {
+                            key: keys[k].clone(),
+                            expected_environment: 0,
+                            cost: 0,
+                        },
+                        SERVICE,
+                    ))
+                    .await
+                    .expect("verify")
+                    .into_inner();
+                calls += 1;
+                if response.valid {
+                    let reset = response
+                        .rate_limit
+                        .and_then(|r| r.reset_after)
+                        .map_or(0, |d| d.seconds * 1000 + i64::from(d.nanos) / 1_000_000);
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as i64);
+                    // The window ends `reset` from now: its index is the minute that ends then.
+                    let window = (now + reset - 1).div_euclid(60_000);
+                    *counts
+                        .lock()
+                        .expect("counts")
+                        .entry((k, window))
+                        .or_default() += 1;
+                }
+            }
+            calls
+        }));
+    }
+    let mut calls = 0;
+    for w in workers {
+        calls += w.await.expect("worker");
+    }
+    let counts = counts.lock().expect("counts");
+    let max = counts.values().copied().max().unwrap_or(0);
+    let valid: u32 = counts.values().sum();
+    println!("| exactness: 2 instances on one Redis, 60 Free keys (60/min) | value |");
+    println!("| --- | ---: |");
+    println!("| calls | {calls} |");
+    println!("| VALID answers | {valid} |");
+    println!("| most VALID for one key in one window | {max} (limit 60) |");
+    println!();
+    assert!(max <= 60, "a key was admitted {max} times in one window");
+}
+
+/// Redis memory per stored key: INFO used_memory before and after creating the keys through
+/// the API, on a Redis of its own; the audit streams those creates write are measured apart.
+async fn memory_per_key(args: &Args) {
+    let redis = redis_harness::DedicatedRedis::start();
+    let url = redis.server.url();
+    let service = Service::start(
+        "memory-per-key",
+        Some(&url),
+        args.redis_pool_size,
+        args.worker_threads,
+    );
+    let channel = service.process.channel().await;
+    let mut conn = redis_conn(&url);
+    let used = |conn: &mut ::redis::Connection| -> i64 {
+        let info: String = ::redis::cmd("INFO")
+            .arg("memory")
+            .query(conn)
+            .expect("info");
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("used_memory")
+    };
+    // Realistic shape: Starter-sized sessions (10 keys each), short names.
+    let sessions: Vec<String> = (0..args.memory_keys.div_ceil(10))
+        .map(|i| format!("acme-{i:06}"))
+        .collect();
+    for chunk in sessions.chunks(256) {
+        let mut set = tokio::task::JoinSet::new();
+        for s in chunk {
+            let channel = channel.clone();
+            let s = s.clone();
+            set.spawn(async move { create_session(&channel, &s, pb::Plan::Pro, None).await });
+        }
+        while set.join_next().await.is_some() {}
+    }
+    let before = used(&mut conn);
+    let audit_before = audit_bytes(&mut conn);
+    let started = Instant::now();
+    let keys = create_keys(&channel, &sessions, args.memory_keys).await;
+    let took = started.elapsed();
+    let after = used(&mut conn);
+    let audit = audit_bytes(&mut conn) - audit_before;
+    let n = keys.len() as f64;
+    println!(
+        "| Redis memory per stored key ({} keys in {} sessions, created in {:.1} s) | bytes |",
+        keys.len(),
+        sessions.len(),
+        took.as_secs_f64()
+    );
+    println!("| --- | ---: |");
+    println!(
+        "| key record + its index and active-set entries | {:.0} |",
+        (after - before - audit) as f64 / n
+    );
+    println!(
+        "| audit event of its CreateKey (kept for the audit retention) | {:.0} |",
+        audit as f64 / n
+    );
+    println!(
+        "| total used_memory growth per key | {:.0} |",
+        (after - before) as f64 / n
+    );
+}
+
+fn audit_bytes(conn: &mut ::redis::Connection) -> i64 {
+    let mut cursor = 0u64;
+    let mut total = 0i64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg("*:audit:*")
+            .arg("COUNT")
+            .arg(1000)
+            .query(conn)
+            .expect("scan");
+        for key in keys {
+            let bytes: Option<i64> = ::redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(&key)
+                .arg("SAMPLES")
+                .arg(0)
+                .query(conn)
+                .expect("memory usage");
+            total += bytes.unwrap_or(0);
+        }
+        cursor = next;
+        if cursor == 0 {
+            return total;
+        }
+    }
+}
