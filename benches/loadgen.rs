@@ -60,6 +60,11 @@ struct Args {
     /// Worker threads of the service (SENDABLE_KEYS_WORKER_THREADS; 0 = one per core).
     #[arg(long, default_value_t = 0)]
     worker_threads: usize,
+    /// Instead of load: count the service's instructions per call under valgrind (callgrind)
+    /// over this many sequential calls per kind. Deterministic, unlike timings on a shared
+    /// machine, so it is what optimizations are judged by.
+    #[arg(long)]
+    instructions: Option<u64>,
     /// Run only scenarios whose name contains this.
     #[arg(long)]
     only: Option<String>,
@@ -437,6 +442,10 @@ fn wanted(args: &Args, name: &str) -> bool {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    if let Some(n) = args.instructions {
+        instructions(n).await;
+        return;
+    }
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let redis = redis_harness::DedicatedRedis::start();
     let url = redis.server.url();
@@ -701,8 +710,9 @@ async fn exactness(args: &Args, url: &str) {
     assert!(max <= 60, "a key was admitted {max} times in one window");
 }
 
-/// Redis memory per stored key: INFO used_memory before and after creating the keys through
-/// the API, on a Redis of its own; the audit streams those creates write are measured apart.
+/// Redis memory per stored key, on a Redis of its own: INFO used_memory before and after
+/// creating the keys through the API, and MEMORY USAGE of each kind of Redis key, so the key
+/// records and the per-session sets show apart; the rest of the growth is the audit events.
 async fn memory_per_key(args: &Args) {
     let redis = redis_harness::DedicatedRedis::start();
     let url = redis.server.url();
@@ -724,7 +734,7 @@ async fn memory_per_key(args: &Args) {
             .and_then(|v| v.trim().parse().ok())
             .expect("used_memory")
     };
-    // Realistic shape: Starter-sized sessions (10 keys each), short names.
+    // Starter-sized sessions: 10 keys each, short names.
     let sessions: Vec<String> = (0..args.memory_keys.div_ceil(10))
         .map(|i| format!("acme-{i:06}"))
         .collect();
@@ -738,42 +748,46 @@ async fn memory_per_key(args: &Args) {
         while set.join_next().await.is_some() {}
     }
     let before = used(&mut conn);
-    let audit_before = audit_bytes(&mut conn);
     let started = Instant::now();
     let keys = create_keys(&channel, &sessions, args.memory_keys).await;
     let took = started.elapsed();
     let after = used(&mut conn);
-    let audit = audit_bytes(&mut conn) - audit_before;
     let n = keys.len() as f64;
+    let records = usage_of(&mut conn, "*:k:*");
+    let sets = usage_of(&mut conn, "*:i:*") + usage_of(&mut conn, "*:a:*");
     println!(
-        "| Redis memory per stored key ({} keys in {} sessions, created in {:.1} s) | bytes |",
+        "| Redis memory per stored key ({} keys in {} sessions, created in {:.1} s) | bytes per key |",
         keys.len(),
         sessions.len(),
         took.as_secs_f64()
     );
     println!("| --- | ---: |");
+    println!("| key record (MEMORY USAGE) | {:.0} |", records as f64 / n);
     println!(
-        "| key record + its index and active-set entries | {:.0} |",
-        (after - before - audit) as f64 / n
+        "| its entries in the session's index and active set (MEMORY USAGE of the sets / keys) | {:.0} |",
+        sets as f64 / n
+    );
+    let growth = (after - before) as f64 / n;
+    println!(
+        "| the CreateKey audit event (used_memory growth minus the lines above) | {:.0} |",
+        growth - (records + sets) as f64 / n
     );
     println!(
-        "| audit event of its CreateKey (kept for the audit retention) | {:.0} |",
-        audit as f64 / n
+        "| used_memory growth while creating the keys, per key | {:.0} |",
+        growth
     );
-    println!(
-        "| total used_memory growth per key | {:.0} |",
-        (after - before) as f64 / n
-    );
+    println!();
 }
 
-fn audit_bytes(conn: &mut ::redis::Connection) -> i64 {
+/// Sum of MEMORY USAGE over the keys matching `pattern`.
+fn usage_of(conn: &mut ::redis::Connection, pattern: &str) -> i64 {
     let mut cursor = 0u64;
     let mut total = 0i64;
     loop {
         let (next, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
-            .arg("*:audit:*")
+            .arg(pattern)
             .arg("COUNT")
             .arg(1000)
             .query(conn)
@@ -793,4 +807,93 @@ fn audit_bytes(conn: &mut ::redis::Connection) -> i64 {
             return total;
         }
     }
+}
+
+/// Instructions the service executes per call, from callgrind: zero the counters, make `n`
+/// sequential calls, dump, read the total. The service runs on Redis with one worker thread
+/// (valgrind runs threads one at a time anyway).
+async fn instructions(n: u64) {
+    let redis = redis_harness::DedicatedRedis::start();
+    let url = redis.server.url();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("callgrind.out");
+    let out_arg = format!("--callgrind-out-file={}", out.display());
+    let process = Process::start_wrapped(
+        &["/usr/bin/valgrind", "--tool=callgrind", "--quiet", &out_arg],
+        &[("ops", "admin", ADMIN), ("bench", "service", SERVICE)],
+        &[
+            ("SENDABLE_KEYS_PEPPER", PEPPER),
+            ("SENDABLE_KEYS_LOG", "warn,sendable_keys::app=info"),
+            ("SENDABLE_KEYS_WORKER_THREADS", "1"),
+            ("REDIS_URL", url.as_str()),
+        ],
+    );
+    let pid = process.child.id();
+    let channel = process.channel().await;
+    create_session(&channel, "instr", pb::Plan::Enterprise, Some(100_000_000)).await;
+    let keys = Arc::new(create_keys(&channel, &["instr".to_owned()], 1).await);
+    let junk = Arc::new(vec![
+        "sk_live_notAKeyAtAll0000000000000000000000000000".to_owned(),
+    ]);
+    println!("| call | service instructions per call (callgrind, {n} sequential calls) |");
+    println!("| --- | ---: |");
+    type Call = Box<dyn Fn(Channel, u64) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>>>;
+    let kinds: [(&str, Call); 3] = [
+        ("empty RPC (health)", Box::new(health_call())),
+        (
+            "VerifyKey MALFORMED",
+            Box::new(verify_call(junk, pb::Decision::Malformed)),
+        ),
+        (
+            "VerifyKey VALID (Redis)",
+            Box::new(verify_call(keys, pb::Decision::Valid)),
+        ),
+    ];
+    for (name, call) in kinds {
+        for i in 0..50 {
+            call(channel.clone(), i).await;
+        }
+        let control = |flag: &str| {
+            let status = std::process::Command::new("callgrind_control")
+                .arg(flag)
+                .arg(pid.to_string())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("callgrind_control");
+            assert!(status.success(), "callgrind_control {flag}");
+        };
+        control("-z");
+        for i in 0..n {
+            assert!(call(channel.clone(), i).await, "{name} failed");
+        }
+        control("-d");
+        let (total, dump) = newest_dump_total(dir.path());
+        // Kept for `callgrind_annotate target/callgrind/<kind>.out`.
+        let keep = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("../callgrind");
+        let _ = std::fs::create_dir_all(&keep);
+        let slug: String = name.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+        let _ = std::fs::copy(&dump, keep.join(format!("{slug}.out")));
+        println!("| {name} | {:.0} |", total as f64 / n as f64);
+    }
+}
+
+/// The `totals:` (instructions) of the most recent callgrind dump in `dir`, and its path.
+fn newest_dump_total(dir: &std::path::Path) -> (u64, std::path::PathBuf) {
+    let newest = std::fs::read_dir(dir)
+        .expect("dumps")
+        .filter_map(Result::ok)
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .expect("a dump");
+    let text = std::fs::read_to_string(newest.path()).expect("read dump");
+    let total = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("totals:")
+                .or_else(|| l.strip_prefix("summary:"))
+        })
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("totals line");
+    (total, newest.path())
 }

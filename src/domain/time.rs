@@ -73,8 +73,27 @@ impl UtcDate {
 
     /// `YYYYMMDD`, the compact form used in storage key names.
     pub fn compact(self) -> String {
+        let mut out = String::with_capacity(8);
+        self.push_compact(&mut out);
+        out
+    }
+
+    /// Appends `YYYYMMDD` (written digit by digit: this runs on every VerifyKey).
+    pub fn push_compact(self, out: &mut String) {
         let (y, m, d) = self.civil();
-        format!("{y:04}{m:02}{d:02}")
+        let y = y.clamp(0, 9999) as u32;
+        for digit in [
+            y / 1000,
+            y / 100 % 10,
+            y / 10 % 10,
+            y % 10,
+            m / 10,
+            m % 10,
+            d / 10,
+            d % 10,
+        ] {
+            out.push(char::from(b'0' + digit as u8));
+        }
     }
 }
 

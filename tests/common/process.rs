@@ -26,6 +26,15 @@ impl Process {
     /// Starts the binary with the given callers (name, role, token) in a credentials file,
     /// JSON logs, free ports for gRPC and admin, and `env` on top.
     pub fn start(callers: &[(&str, &str, &str)], env: &[(&str, &str)]) -> Self {
+        Self::start_wrapped(&[], callers, env)
+    }
+
+    /// Like [`Process::start`], with the binary run under `wrapper` (e.g. valgrind).
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        callers: &[(&str, &str, &str)],
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let credentials = dir.path().join("credentials.toml");
         let file: String = callers
@@ -38,7 +47,15 @@ impl Process {
             })
             .collect();
         std::fs::write(&credentials, file).expect("write credentials");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_sendable-keys"));
+        let binary = env!("CARGO_BIN_EXE_sendable-keys");
+        let mut command = match wrapper.split_first() {
+            None => Command::new(binary),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(binary);
+                c
+            }
+        };
         // The address announcements are info lines of the app module: a log filter in `env`
         // must keep `sendable_keys::app=info`.
         command
@@ -70,7 +87,8 @@ impl Process {
         }
         let mut grpc = None;
         let mut admin = None;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Generous: under valgrind startup takes a while.
+        let deadline = Instant::now() + Duration::from_secs(120);
         while grpc.is_none() || admin.is_none() {
             let line = rx
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))

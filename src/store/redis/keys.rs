@@ -67,56 +67,88 @@ impl Keys {
         &self.prefix
     }
 
+    /// `<prefix>:{<shard>}:<kind>[:<part>...]`, written directly: these names are built on
+    /// every VerifyKey, where `format!`'s machinery showed up in the instruction profile.
+    fn name(&self, shard: u16, kind: &str, parts: &[&str]) -> String {
+        let mut name = String::with_capacity(self.prefix.len() + 40);
+        name.push_str(&self.prefix);
+        name.push_str(":{");
+        push_number(&mut name, u64::from(shard));
+        name.push_str("}:");
+        name.push_str(kind);
+        for part in parts {
+            name.push(':');
+            name.push_str(part);
+        }
+        name
+    }
+
     /// The per-shard session table.
     pub fn sessions(&self, shard: u16) -> String {
-        format!("{}:{{{shard}}}:sessions", self.prefix)
+        self.name(shard, "sessions", &[])
     }
 
     /// A key's record.
     pub fn key(&self, id: &KeyId) -> String {
-        format!("{}:{{{}}}:k:{id}", self.prefix, id.shard())
+        self.name(id.shard(), "k", &[id.as_str()])
     }
 
     /// A session's key index (every key, for listing).
     pub fn index(&self, session: &SessionId) -> String {
-        format!("{}:{{{}}}:i:{session}", self.prefix, session.shard())
+        self.name(session.shard(), "i", &[session.as_str()])
     }
 
     /// A session's keys that count toward its key limit.
     pub fn active(&self, session: &SessionId) -> String {
-        format!("{}:{{{}}}:a:{session}", self.prefix, session.shard())
+        self.name(session.shard(), "a", &[session.as_str()])
     }
-}
 
-impl Keys {
     /// A key's usage counters for one UTC day.
     pub fn usage_day(&self, id: &KeyId, day: crate::domain::UtcDate) -> String {
-        format!(
-            "{}:{{{}}}:u:{id}:{}",
-            self.prefix,
-            id.shard(),
-            day.compact()
-        )
+        let mut date = String::with_capacity(8);
+        day.push_compact(&mut date);
+        self.name(id.shard(), "u", &[id.as_str(), &date])
     }
 
     /// A key's per-minute request counters for one hour (hours since the epoch).
     pub fn minute_requests(&self, id: &KeyId, hour: i64) -> String {
-        format!("{}:{{{}}}:m:{id}:{hour}", self.prefix, id.shard())
+        let mut h = String::with_capacity(8);
+        push_number(&mut h, hour.max(0) as u64);
+        self.name(id.shard(), "m", &[id.as_str(), &h])
     }
 
     /// A key's per-minute outcome counters for one hour.
     pub fn minute_outcomes(&self, id: &KeyId, hour: i64) -> String {
-        format!("{}:{{{}}}:o:{id}:{hour}", self.prefix, id.shard())
+        let mut h = String::with_capacity(8);
+        push_number(&mut h, hour.max(0) as u64);
+        self.name(id.shard(), "o", &[id.as_str(), &h])
     }
 
     /// A key's firing alerts.
     pub fn alerts(&self, id: &KeyId) -> String {
-        format!("{}:{{{}}}:al:{id}", self.prefix, id.shard())
+        self.name(id.shard(), "al", &[id.as_str()])
     }
 
     /// A session's audit log.
     pub fn audit(&self, session: &SessionId) -> String {
-        format!("{}:{{{}}}:audit:{session}", self.prefix, session.shard())
+        self.name(session.shard(), "audit", &[session.as_str()])
+    }
+}
+
+/// Appends the decimal digits of `n`.
+fn push_number(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[i..] {
+        out.push(char::from(d));
     }
 }
 
@@ -159,6 +191,27 @@ mod tests {
             assert_eq!(tag(&name), expected, "{name}");
             assert!(name.starts_with("sk:{"), "{name}");
         }
+    }
+
+    #[test]
+    fn names_are_exact() {
+        let keys = Keys::new("sk");
+        let id = KeyId::parse("AbCd1234").expect("valid");
+        let shard = id.shard();
+        let day = crate::domain::UtcDate::parse("2026-03-02").expect("date");
+        assert_eq!(keys.key(&id), format!("sk:{{{shard}}}:k:AbCd1234"));
+        assert_eq!(
+            keys.usage_day(&id, day),
+            format!("sk:{{{shard}}}:u:AbCd1234:20260302")
+        );
+        assert_eq!(
+            keys.minute_requests(&id, 492_345),
+            format!("sk:{{{shard}}}:m:AbCd1234:492345")
+        );
+        assert_eq!(keys.sessions(0), "sk:{0}:sessions");
+        let mut n = String::new();
+        push_number(&mut n, u64::MAX);
+        assert_eq!(n, u64::MAX.to_string());
     }
 
     #[test]

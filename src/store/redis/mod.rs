@@ -772,7 +772,7 @@ impl KeyStore for RedisStore {
             .arg(day_ttl_secs(today, now, request.usage_retention_days))
             .arg(minute_of(now).rem_euclid(60))
             .arg(minute_ttl_secs(hour, now));
-        let reply: Vec<Value> = self
+        let reply: String = self
             .run("verify", |mut c| async move {
                 eval(&mut c, &scripts::VERIFY, &cmd).await
             })
@@ -827,34 +827,33 @@ fn pairs(value: &Value) -> StoreResult<Vec<(String, String)>> {
 /// trips, small enough not to stall Redis for other clients.
 const PIPELINE_CHUNK: usize = 512;
 
-fn decode_verify(reply: &[Value]) -> StoreResult<VerifyOutcome> {
+fn decode_verify(reply: &str) -> StoreResult<VerifyOutcome> {
     let bad = || corrupt("verify reply");
-    let decision = Decision::from_code(int(reply.first())?).ok_or_else(bad)?;
-    if reply.len() == 1 {
+    let mut fields = reply.split(':');
+    let mut next = || fields.next().ok_or_else(bad);
+    let number = |text: &str| text.parse::<i64>().map_err(|_| bad());
+    let decision = Decision::from_code(number(next()?)?).ok_or_else(bad)?;
+    let Ok(session) = next() else {
         return Ok(VerifyOutcome::unattributed(decision, None));
-    }
-    let text = |i: usize| -> StoreResult<String> {
-        reply
-            .get(i)
-            .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
-            .ok_or_else(bad)
     };
-    let session_id = SessionId::parse(&text(1)?).ok_or_else(bad)?;
-    let environment =
-        Environment::from_code(text(2)?.parse().map_err(|_| bad())?).ok_or_else(bad)?;
-    let plan = Plan::from_code(text(3)?.parse().map_err(|_| bad())?).ok_or_else(bad)?;
-    let rate_limit = if reply.len() >= 8 {
-        let n = |i: usize| int(reply.get(i));
-        let clamp = |v: i64| u32::try_from(v.max(0)).unwrap_or(u32::MAX);
-        let retry = n(7)?;
-        Some(RateLimitState {
-            limit: clamp(n(4)?),
-            remaining: clamp(n(5)?),
-            reset_after_ms: n(6)?,
-            retry_after_ms: (retry >= 0 && decision == Decision::RateLimited).then_some(retry),
-        })
-    } else {
-        None
+    let session_id = SessionId::parse(session).ok_or_else(bad)?;
+    let environment = Environment::from_code(number(next()?)?).ok_or_else(bad)?;
+    let plan = Plan::from_code(number(next()?)?).ok_or_else(bad)?;
+    let rate_limit = match next() {
+        Err(_) => None,
+        Ok(limit) => {
+            let clamp = |v: i64| u32::try_from(v.max(0)).unwrap_or(u32::MAX);
+            let limit = clamp(number(limit)?);
+            let remaining = clamp(number(next()?)?);
+            let reset_after_ms = number(next()?)?;
+            let retry = number(next()?)?;
+            Some(RateLimitState {
+                limit,
+                remaining,
+                reset_after_ms,
+                retry_after_ms: (retry >= 0 && decision == Decision::RateLimited).then_some(retry),
+            })
+        }
     };
     Ok(VerifyOutcome {
         decision,
@@ -1231,6 +1230,34 @@ mod tests {
         assert_eq!(unpack_session(&s.id, &packed, 2).expect("parses"), s);
         assert!(unpack_session(&s.id, "2:4:0", 0).is_err());
         assert!(unpack_session(&s.id, "9:4:0:::1:1:1", 0).is_err());
+    }
+
+    #[test]
+    fn verify_replies_decode() {
+        assert_eq!(
+            decode_verify("3").map(|o| o.decision).ok(),
+            Some(Decision::NotFound)
+        );
+        let revoked = decode_verify("4:acme:3:1").expect("revoked");
+        assert_eq!(
+            (revoked.decision, revoked.plan, revoked.rate_limit),
+            (Decision::Revoked, Some(Plan::Free), None)
+        );
+        let limited = decode_verify("8:acme:3:1:60:0:59000:61000").expect("limited");
+        assert_eq!(
+            limited.rate_limit.and_then(|r| r.retry_after_ms),
+            Some(61_000)
+        );
+        let valid = decode_verify("1:acme:3:3:1000:999:42:-1").expect("valid");
+        assert_eq!(
+            valid
+                .rate_limit
+                .map(|r| (r.limit, r.remaining, r.retry_after_ms)),
+            Some((1000, 999, None))
+        );
+        for bad in ["", "x", "9", "1:acme", "1:a b:3:3", "1:acme:3:3:1000"] {
+            assert!(decode_verify(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

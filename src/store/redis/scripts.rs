@@ -37,9 +37,11 @@ pub const RECORD_FIELDS: [&str; 10] = ["s", "e", "n", "st", "ct", "lu", "x", "rt
 /// (0 = none), ARGV[9] TTL (s) of today's usage hash, ARGV[10] minute of the hour,
 /// ARGV[11] TTL (s) of this hour's minute counters.
 ///
-/// Reply: `{decision}` for NOT_FOUND; `{decision, session id, env, plan}` for decisions that
-/// consume nothing; `{decision, session id, env, plan, limit, remaining, reset_after_ms,
-/// retry_after_ms (-1 = never)}` for VALID and RATE_LIMITED. The window arithmetic mirrors
+/// Reply: one string of `:`-separated fields (one bulk string parses far cheaper than an
+/// eight-element array on the client; session ids cannot contain `:`): `decision` for
+/// NOT_FOUND; `decision:session id:env:plan` for decisions that consume nothing;
+/// `decision:session id:env:plan:limit:remaining:reset_after_ms:retry_after_ms` (-1 = never)
+/// for VALID and RATE_LIMITED. The window arithmetic mirrors
 /// `domain::ratelimit::admit` line by line (the conformance tests hold them together).
 ///
 /// Every decision about a found key is counted (per day and decision, per minute); the
@@ -49,9 +51,9 @@ pub static VERIFY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local k = redis.call('HMGET', KEYS[1], 'h', 's', 'e', 'st', 'x', 'w')
-if k[1] ~= ARGV[1] then return {3} end
+if k[1] ~= ARGV[1] then return '3' end
 local packed = redis.call('HGET', KEYS[2], k[2])
-if not packed then return {3} end
+if not packed then return '3' end
 local _, plan, enabled, crl = string.match(packed, '^(%d+):(%d+):(%d+):(%d*):')
 local now = tonumber(ARGV[2])
 local function count(d)
@@ -70,7 +72,7 @@ elseif ARGV[4] ~= '0' and ARGV[4] ~= k[3] then d = 7 end
 if d ~= 0 then
   redis.call('HSET', KEYS[1], 'lu', ARGV[2])
   count(d)
-  return {d, k[2], k[3], plan}
+  return d .. ':' .. k[2] .. ':' .. k[3] .. ':' .. plan
 end
 local limit = tonumber(crl) or tonumber(ARGV[4 + tonumber(plan)]) or 0
 local W = 60000
@@ -108,7 +110,8 @@ local remaining = math.floor((limit * W - cur * W - ps) / W)
 if remaining < 0 then remaining = 0 end
 redis.call('HSET', KEYS[1], 'lu', ARGV[2], 'w', string.format('%d:%d:%d', window, cur, prev))
 count(decision)
-return {decision, k[2], k[3], plan, limit, remaining, weight, retry}
+return decision .. ':' .. k[2] .. ':' .. k[3] .. ':' .. plan .. ':' .. limit .. ':' .. remaining
+  .. ':' .. weight .. ':' .. retry
 "#,
     )
 });
