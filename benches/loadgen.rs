@@ -95,13 +95,15 @@ impl Service {
     fn start(name: &'static str, redis_url: Option<&str>, pool_size: u16, workers: usize) -> Self {
         let pool_size = pool_size.to_string();
         let workers = workers.to_string();
-        let mut env = vec![
-            ("SENDABLE_KEYS_REDIS_POOL_SIZE", pool_size.as_str()),
-            ("SENDABLE_KEYS_WORKER_THREADS", workers.as_str()),
+        let mut env = vec![("SENDABLE_KEYS_REDIS_POOL_SIZE", pool_size.as_str())];
+        if workers != "0" {
+            env.push(("SENDABLE_KEYS_WORKER_THREADS", workers.as_str()));
+        }
+        env.extend([
             ("SENDABLE_KEYS_PEPPER", PEPPER),
             // Production-like logging: warnings, plus the app's startup lines.
             ("SENDABLE_KEYS_LOG", "warn,sendable_keys::app=info"),
-        ];
+        ]);
         if let Some(url) = redis_url {
             env.push(("REDIS_URL", url));
         }

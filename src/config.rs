@@ -191,6 +191,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SENDABLE_KEYS_HEALTH_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub health_interval: Duration,
 
+    /// Async runtime worker threads (default: one per CPU).
+    #[arg(long, env = "SENDABLE_KEYS_WORKER_THREADS",
+          value_parser = clap::value_parser!(u16).range(1..=512))]
+    pub worker_threads: Option<u16>,
+
     /// Log format.
     #[arg(long, env = "SENDABLE_KEYS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     pub log_format: LogFormat,
@@ -228,6 +233,7 @@ impl std::fmt::Debug for ServeArgs {
             .field("audit_retention_days", &self.audit_retention_days)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("health_interval", &self.health_interval)
+            .field("worker_threads", &self.worker_threads)
             .field("log_format", &self.log_format)
             .field("log", &self.log)
             .finish()

@@ -12,13 +12,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 use sendable_keys::config::{Cli, Command, ServeArgs};
 
-fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+fn runtime(worker_threads: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = std::env::var("SENDABLE_KEYS_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-    {
+    if let Some(n) = worker_threads {
         builder.worker_threads(n);
     }
     builder.enable_all().build().map_err(|err| {
@@ -28,7 +24,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    let runtime = match runtime() {
+    let runtime = match runtime(args.worker_threads.map(usize::from)) {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
@@ -58,7 +54,7 @@ fn main() -> ExitCode {
     match cli.command {
         None => serve(cli.serve),
         Some(Command::Serve(args)) => serve(*args),
-        Some(Command::Health(args)) => match runtime() {
+        Some(Command::Health(args)) => match runtime(Some(1)) {
             Ok(runtime) => runtime.block_on(sendable_keys::cli::health(&args)),
             Err(code) => code,
         },
