@@ -20,7 +20,7 @@ mod process;
 #[path = "../tests/common/redis.rs"]
 mod redis_harness;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +36,8 @@ use tonic::transport::Channel;
 const ADMIN: &str = "skt_bench-admin-token-0123456789abcdef";
 const SERVICE: &str = "skt_bench-service-token-0123456789abcd";
 const PEPPER: &str = "bench-pepper-0123456789abcdef-0123456789";
+/// A string shaped like a live key whose checksum is wrong: answered MALFORMED locally.
+const MALFORMED_KEY: &str = "sk_live_notAKeyAtAll0000000000000000000000000000";
 
 #[derive(Parser, Debug)]
 #[command(about = "sendable-keys load generator")]
@@ -169,22 +171,6 @@ fn redis_cpu(conn: &mut ::redis::Connection) -> Duration {
     Duration::from_secs_f64(field("used_cpu_user:") + field("used_cpu_sys:"))
 }
 
-/// Calls per command from INFO commandstats (health pings and our own INFO excluded).
-fn commandstats(conn: &mut ::redis::Connection) -> BTreeMap<String, u64> {
-    let info: String = ::redis::cmd("INFO")
-        .arg("commandstats")
-        .query(conn)
-        .expect("info");
-    info.lines()
-        .filter_map(|line| {
-            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
-            Some((name.to_owned(), calls.parse().ok()?))
-        })
-        .filter(|(name, _)| !matches!(name.as_str(), "ping" | "info" | "config|resetstat"))
-        .collect()
-}
-
 struct Measured {
     calls: u64,
     errors: u64,
@@ -252,7 +238,7 @@ where
     }
     tokio::time::sleep(args.warmup).await;
     let mut conn = redis.map(redis_conn);
-    let before_stats = conn.as_mut().map(commandstats);
+    let before_stats = conn.as_mut().map(redis_harness::commandstats);
     let redis_cpu_before = conn.as_mut().map(redis_cpu);
     let own = std::process::id() as i32;
     let loadgen_before = cpu_time(own);
@@ -268,7 +254,7 @@ where
         (Some(before), Some(after)) => Some(after.saturating_sub(before)),
         _ => None,
     };
-    let after_stats = conn.as_mut().map(commandstats);
+    let after_stats = conn.as_mut().map(redis_harness::commandstats);
     stop.store(true, Ordering::Relaxed);
     let mut latencies_us = Vec::new();
     let mut errors = 0;
@@ -559,9 +545,7 @@ async fn main() {
             }
             let malformed = "VerifyKey MALFORMED (no store call)".to_owned();
             if wanted(&args, &malformed) {
-                let junk = Arc::new(vec![
-                    "sk_live_notAKeyAtAll0000000000000000000000000000".to_owned(),
-                ]);
+                let junk = Arc::new(vec![MALFORMED_KEY.to_owned()]);
                 let m = drive(
                     &args,
                     args.concurrency,
@@ -834,9 +818,7 @@ async fn instructions(n: u64) {
     let channel = process.channel().await;
     create_session(&channel, "instr", pb::Plan::Enterprise, Some(100_000_000)).await;
     let keys = Arc::new(create_keys(&channel, &["instr".to_owned()], 1).await);
-    let junk = Arc::new(vec![
-        "sk_live_notAKeyAtAll0000000000000000000000000000".to_owned(),
-    ]);
+    let junk = Arc::new(vec![MALFORMED_KEY.to_owned()]);
     println!("| call | service instructions per call (callgrind, {n} sequential calls) |");
     println!("| --- | ---: |");
     type Call = Box<dyn Fn(Channel, u64) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>>>;

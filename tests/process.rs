@@ -265,6 +265,64 @@ async fn sigterm_reports_not_serving_ends_streams_drains_and_exits_zero() {
     assert!(logs.contains("drain timeout"), "{logs}");
 }
 
+/// The server's count of open WatchAlerts streams, from /metrics.
+fn watchers(admin: &str) -> f64 {
+    let (_, metrics) = http_get(admin, "/metrics");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sendable_keys_alert_watchers "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_stream_ends_on_the_server_when_its_client_goes_away() {
+    let process = start(&[]);
+    let channel = process.channel().await;
+    KeyServiceClient::new(channel.clone())
+        .create_session(authed(
+            pb::CreateSessionRequest {
+                session_id: "acme-watch".into(),
+                environment: pb::Environment::Live as i32,
+                plan: pb::Plan::Free as i32,
+                ..Default::default()
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .expect("session");
+    let stream = UsageServiceClient::new(channel.clone())
+        .watch_alerts(authed(
+            pb::WatchAlertsRequest {
+                session_id: "acme-watch".into(),
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
+    // The watcher registers as soon as its first evaluation is done.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while watchers(&process.admin) < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the watcher never showed up in /metrics"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(stream);
+    drop(channel);
+    // Gone within a few poll intervals (50 ms here), without waiting for an alert to send.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while watchers(&process.admin) > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the server kept evaluating for a client that left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A minimal OTLP/gRPC collector that keeps the spans it receives.
 mod collector {
     use std::sync::{Arc, Mutex};

@@ -5,27 +5,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use common::redis::DedicatedRedis;
+use common::redis::{DedicatedRedis, commandstats};
 use common::{Backend, TestServer, create_key, create_session, decision, verify};
 use sendable_keys::grpc::pb;
 use sendable_keys::store::redis::{RedisConfig, RedisStore};
-
-fn commandstats(conn: &mut ::redis::Connection) -> BTreeMap<String, u64> {
-    let info: String = ::redis::cmd("INFO")
-        .arg("commandstats")
-        .query(conn)
-        .expect("info");
-    info.lines()
-        .filter_map(|line| {
-            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
-            Some((name.to_owned(), calls.parse().ok()?))
-        })
-        .collect()
-}
 
 fn reset(conn: &mut ::redis::Connection) {
     let _: () = ::redis::cmd("CONFIG")
@@ -58,16 +43,6 @@ async fn verify_costs_one_round_trip_and_malformed_none() {
 
     let client = ::redis::Client::open(redis.server.url()).expect("url");
     let mut conn = client.get_connection().expect("connect");
-    // The health checker PINGs in the background; it is excluded from the counts below.
-    let calls_without_ping = |stats: &BTreeMap<String, u64>| -> BTreeMap<String, u64> {
-        stats
-            .iter()
-            .filter(|(k, _)| {
-                !k.starts_with("ping") && !k.starts_with("config") && !k.starts_with("info")
-            })
-            .map(|(k, v)| (k.clone(), *v))
-            .collect()
-    };
 
     reset(&mut conn);
     for _ in 0..100 {
@@ -76,7 +51,7 @@ async fn verify_costs_one_round_trip_and_malformed_none() {
             pb::Decision::Malformed
         );
     }
-    let malformed = calls_without_ping(&commandstats(&mut conn));
+    let malformed = commandstats(&mut conn);
     assert!(
         malformed.is_empty(),
         "MALFORMED touched Redis: {malformed:?}"
@@ -90,7 +65,7 @@ async fn verify_costs_one_round_trip_and_malformed_none() {
             pb::Decision::Valid
         );
     }
-    let valid = calls_without_ping(&commandstats(&mut conn));
+    let valid = commandstats(&mut conn);
     reset(&mut conn);
     for _ in 0..n {
         assert_eq!(
@@ -98,7 +73,7 @@ async fn verify_costs_one_round_trip_and_malformed_none() {
             pb::Decision::RateLimited
         );
     }
-    let limited = calls_without_ping(&commandstats(&mut conn));
+    let limited = commandstats(&mut conn);
     for (what, stats) in [("VALID", &valid), ("RATE_LIMITED", &limited)] {
         let round_trips: u64 = ["evalsha", "eval", "script|load"]
             .iter()

@@ -264,6 +264,12 @@ impl<S: Store> KeyService<S> {
         id: &SessionId,
         patch: SessionPatch,
     ) -> Result<SessionRecord> {
+        // 0 in a custom field means "remove the override".
+        let patch = SessionPatch {
+            custom_rate_limit: patch.custom_rate_limit.map(custom),
+            custom_max_keys: patch.custom_max_keys.map(custom),
+            ..patch
+        };
         let requested = describe_patch(&patch);
         let result = self.update_session_inner(id, patch).await;
         let detail = match &result {
@@ -288,11 +294,6 @@ impl<S: Store> KeyService<S> {
         id: &SessionId,
         patch: SessionPatch,
     ) -> Result<SessionRecord> {
-        let patch = SessionPatch {
-            custom_rate_limit: patch.custom_rate_limit.map(custom),
-            custom_max_keys: patch.custom_max_keys.map(custom),
-            ..patch
-        };
         let mut violations = Violations::new();
         check_custom_limits(
             &mut violations,

@@ -288,3 +288,22 @@ pub fn count_keys(url: &str, prefix: &str) -> usize {
 pub fn crate_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
 }
+
+/// Calls per command from `INFO commandstats`, without the commands a health checker or the
+/// measurement itself issues (PING, INFO, CONFIG).
+pub fn commandstats(conn: &mut ::redis::Connection) -> std::collections::BTreeMap<String, u64> {
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query(conn)
+        .expect("info");
+    info.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+            Some((name.to_owned(), calls.parse().ok()?))
+        })
+        .filter(|(name, _)| {
+            !name.starts_with("ping") && !name.starts_with("info") && !name.starts_with("config")
+        })
+        .collect()
+}
