@@ -115,6 +115,13 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// Which lanes an operation uses: the per-request path or everything else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    Hot,
+    Management,
+}
+
 pub struct RedisStore {
     pool: Pool,
     lanes: Box<[Mutex<Option<Conn>>]>,
@@ -251,25 +258,34 @@ impl RedisStore {
     /// management pipeline (a year of a big session's usage) never queues in front of a
     /// verification on the same multiplexed socket. Within a half, round-robin. Fewer sockets
     /// carry more requests per write, which is what makes the hot path cheap (BENCHMARKS.md).
-    fn lane_for(&self, name: &str) -> usize {
+    fn lane_for(&self, path: Path) -> usize {
         let lanes = self.lanes.len();
         let hot = (lanes / 2).max(1);
         let n = self.next_lane.fetch_add(1, Ordering::Relaxed);
-        match name {
-            "verify" | "record_outcomes" => n % hot,
-            _ if lanes > hot => hot + n % (lanes - hot),
-            _ => n % lanes,
+        match path {
+            Path::Hot => n % hot,
+            Path::Management if lanes > hot => hot + n % (lanes - hot),
+            Path::Management => n % lanes,
         }
     }
 
-    /// Runs `op` on the lane for `name`, within the timeout; `name` labels the operation's
-    /// latency and error metrics.
+    /// Runs a management operation (see [`RedisStore::run_on`]).
     async fn run<T, F, Fut>(&self, name: &'static str, op: F) -> StoreResult<T>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let index = self.lane_for(name);
+        self.run_on(Path::Management, name, op).await
+    }
+
+    /// Runs `op` on a lane of `path`, within the timeout; `name` labels the operation's
+    /// latency and error metrics.
+    async fn run_on<T, F, Fut>(&self, path: Path, name: &'static str, op: F) -> StoreResult<T>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let index = self.lane_for(path);
         let work = async {
             let existing = self.lane(index).clone();
             let conn = match existing {
@@ -773,7 +789,7 @@ impl KeyStore for RedisStore {
             .arg(minute_of(now).rem_euclid(60))
             .arg(minute_ttl_secs(hour, now));
         let reply: String = self
-            .run("verify", |mut c| async move {
+            .run_on(Path::Hot, "verify", |mut c| async move {
                 eval(&mut c, &scripts::VERIFY, &cmd).await
             })
             .await?;
@@ -921,7 +937,7 @@ impl UsageStore for RedisStore {
         }
         // The shards' scripts go out together; the multiplexed connections pipeline them.
         let results = futures_util::future::join_all(calls.iter().map(|(names, args)| {
-            self.run("record_outcomes", move |mut c| async move {
+            self.run_on(Path::Hot, "record_outcomes", move |mut c| async move {
                 let mut inv = scripts::RECORD_OUTCOMES.prepare_invoke();
                 inv.key(&names[..]).arg(&args[..]);
                 inv.invoke_async::<u32>(&mut c).await
