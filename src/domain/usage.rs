@@ -190,6 +190,26 @@ pub fn minute_of(ms: Millis) -> i64 {
     ms.div_euclid(MILLIS_PER_MINUTE)
 }
 
+/// The minute indices of the last `minutes` minutes up to `now` (oldest first).
+pub fn recent_minute_range(now: Millis, minutes: usize) -> std::ops::RangeInclusive<i64> {
+    let last = minute_of(now);
+    (last - minutes as i64 + 1)..=last
+}
+
+/// The counters of the last `minutes` minutes up to `now`, oldest first, from `lookup`;
+/// minutes older than [`MINUTE_RETENTION_MS`] read as zero whatever a store still holds, so
+/// both stores answer alike.
+pub fn recent_minutes(
+    now: Millis,
+    minutes: usize,
+    lookup: impl Fn(i64) -> Option<MinuteCounters>,
+) -> Vec<MinuteCounters> {
+    let oldest = minute_of(now - MINUTE_RETENTION_MS);
+    recent_minute_range(now, minutes)
+        .map(|m| if m < oldest { None } else { lookup(m) }.unwrap_or_default())
+        .collect()
+}
+
 /// The kinds of alert.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum AlertKind {

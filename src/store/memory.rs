@@ -19,7 +19,7 @@ use crate::domain::ratelimit::{self, WindowState};
 use crate::domain::shard::SHARDS;
 use crate::domain::usage::{
     AlertKind, DayCounters, MINUTE_RETENTION_MS, MinuteCounters, Outcome, minute_of,
-    oldest_kept_day,
+    oldest_kept_day, recent_minutes,
 };
 use crate::domain::{
     AuditEntry, AuditEvent, Decision, KeyHash, KeyId, KeyRecord, KeyState, KeyStatus, Millis,
@@ -440,9 +440,6 @@ impl UsageStore for MemoryStore {
         now: Millis,
         minutes: usize,
     ) -> StoreResult<Vec<RecentActivity>> {
-        let last = minute_of(now);
-        let first = last - minutes as i64 + 1;
-        let oldest = minute_of(now - MINUTE_RETENTION_MS);
         Ok(keys
             .iter()
             .map(|id| {
@@ -455,15 +452,7 @@ impl UsageStore for MemoryStore {
                 };
                 RecentActivity {
                     window: key.window,
-                    minutes: (first..=last)
-                        .map(|m| {
-                            if m < oldest {
-                                MinuteCounters::default()
-                            } else {
-                                key.minutes.get(&m).copied().unwrap_or_default()
-                            }
-                        })
-                        .collect(),
+                    minutes: recent_minutes(now, minutes, |m| key.minutes.get(&m).copied()),
                     firing: key.alerts.iter().map(|(k, since)| (*k, *since)).collect(),
                 }
             })

@@ -41,6 +41,7 @@ use crate::domain::ratelimit::WindowState;
 use crate::domain::time::{MILLIS_PER_DAY, MILLIS_PER_HOUR};
 use crate::domain::usage::{
     AlertKind, DayCounters, MINUTE_RETENTION_MS, MinuteCounters, Outcome, bucket_of, minute_of,
+    recent_minute_range, recent_minutes,
 };
 use crate::domain::{
     AuditEntry, AuditEvent, Decision, Environment, KeyId, KeyRecord, KeyState, Millis, Plan,
@@ -992,10 +993,9 @@ impl UsageStore for RedisStore {
         now: Millis,
         minutes: usize,
     ) -> StoreResult<Vec<RecentActivity>> {
-        let last = minute_of(now);
-        let first = last - minutes as i64 + 1;
-        let oldest = minute_of(now - MINUTE_RETENTION_MS);
-        let hours: Vec<i64> = ((first.div_euclid(60))..=(last.div_euclid(60))).collect();
+        let range = recent_minute_range(now, minutes);
+        let hours: Vec<i64> =
+            ((range.start().div_euclid(60))..=(range.end().div_euclid(60))).collect();
         let mut out = Vec::with_capacity(keys.len());
         // Per key: HMGET window, HGETALL alerts, then HGETALL requests + outcomes per hour.
         let per_key = 2 + 2 * hours.len();
@@ -1051,15 +1051,7 @@ impl UsageStore for RedisStore {
                 }
                 out.push(RecentActivity {
                     window,
-                    minutes: (first..=last)
-                        .map(|m| {
-                            if m < oldest {
-                                MinuteCounters::default()
-                            } else {
-                                by_minute.get(&m).copied().unwrap_or_default()
-                            }
-                        })
-                        .collect(),
+                    minutes: recent_minutes(now, minutes, |m| by_minute.get(&m).copied()),
                     firing,
                 });
             }
