@@ -166,3 +166,57 @@ async fn verify_costs_one_round_trip_and_malformed_none() {
     );
     assert!(day_bytes < 512, "a key-day costs {day_bytes} bytes");
 }
+
+/// Under concurrency, verifications share script calls: 400 calls in flight at once need far
+/// fewer than 400 EVALSHAs, and every answer is still its own (remaining counts down through
+/// every value exactly once, as with one call at a time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_verifications_share_script_calls() {
+    let redis = DedicatedRedis::start();
+    let prefix = "sk".to_owned();
+    let store = RedisStore::new(&RedisConfig {
+        urls: vec![redis.server.url()],
+        cluster: false,
+        pool_size: 2,
+        prefix: prefix.clone(),
+        timeout: std::time::Duration::from_secs(5),
+    })
+    .expect("store");
+    let server = TestServer::start_on_store(Arc::new(store), Backend::Redis, &prefix).await;
+    let mut c = server.keys();
+    create_session(&mut c, "acme-batch", pb::Plan::Pro, pb::Environment::Live).await;
+    let (_, secret) = create_key(&mut c, "acme-batch").await;
+    verify(&mut c, &secret).await; // loads the script
+
+    let client = ::redis::Client::open(redis.server.url()).expect("url");
+    let mut conn = client.get_connection().expect("connect");
+    reset(&mut conn);
+    let n = 400;
+    let calls = (0..n).map(|_| {
+        let mut c = c.clone();
+        let secret = secret.clone();
+        async move { verify(&mut c, &secret).await }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    let mut remaining: Vec<u32> = answers
+        .iter()
+        .map(|a| {
+            assert_eq!(decision(a), pb::Decision::Valid);
+            a.rate_limit.as_ref().expect("rate limit").remaining
+        })
+        .collect();
+    remaining.sort_unstable();
+    // 1000/min and one call before: the answers are 998 down to 999 - n, each once.
+    assert_eq!(remaining, ((999 - n)..=998).collect::<Vec<u32>>());
+    let stats = commandstats(&mut conn);
+    let script_calls = stats.get("evalsha").copied().unwrap_or(0);
+    assert_eq!(stats.get("hmget").copied(), Some(u64::from(n)), "{stats:?}");
+    assert!(
+        script_calls < u64::from(n) / 2,
+        "{n} concurrent verifications took {script_calls} script calls"
+    );
+    println!(
+        "{n} concurrent verifications: {script_calls} script calls ({:.1} verifications per call)",
+        f64::from(n) / script_calls as f64
+    );
+}

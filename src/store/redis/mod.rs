@@ -15,13 +15,14 @@
 //! Every operation is bounded by `timeout`; a timeout, refused or dropped connection, or a
 //! cluster in reconfiguration is a *transient* [`StoreError`] (UNAVAILABLE to callers).
 
+mod batch;
 pub mod keys;
 pub mod scripts;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_redis::{PoolConfig, Runtime, Timeouts};
@@ -125,7 +126,10 @@ enum Path {
 
 pub struct RedisStore {
     pool: Pool,
+    cluster: bool,
     lanes: Box<[Mutex<Option<Conn>>]>,
+    /// One verification batcher per lane (only the hot lanes' are used).
+    batchers: Box<[Arc<batch::Batcher>]>,
     next_lane: AtomicUsize,
     keys: Keys,
     timeout: Duration,
@@ -188,7 +192,9 @@ impl RedisStore {
         };
         Ok(RedisStore {
             pool,
+            cluster,
             lanes: (0..pool_size).map(|_| Mutex::new(None)).collect(),
+            batchers: (0..pool_size).map(|_| Arc::default()).collect(),
             next_lane: AtomicUsize::new(0),
             keys: Keys::new(&config.prefix),
             timeout: config.timeout,
@@ -270,6 +276,42 @@ impl RedisStore {
         }
     }
 
+    /// The connection of lane `index`, taking one from the pool if the lane is empty.
+    async fn lane_conn(&self, index: usize) -> RedisResult<Conn> {
+        let existing = self.lane(index).clone();
+        Ok(match existing {
+            Some(conn) => conn,
+            None => {
+                let conn = self.checkout().await?;
+                *self.lane(index) = Some(conn.clone());
+                conn
+            }
+        })
+    }
+
+    /// Records an operation's latency, and its error if it failed.
+    fn observe<T>(name: &'static str, started: std::time::Instant, result: &StoreResult<T>) {
+        metrics::histogram!("sendable_keys_store_duration_seconds", "op" => name)
+            .record(started.elapsed().as_secs_f64());
+        if let Err(err) = result {
+            let kind = if err.transient {
+                "transient"
+            } else {
+                "permanent"
+            };
+            metrics::counter!("sendable_keys_store_errors_total", "op" => name, "kind" => kind)
+                .increment(1);
+        }
+    }
+
+    /// No answer from Redis in time.
+    fn timed_out(&self) -> StoreError {
+        StoreError::transient(format!(
+            "redis: no answer within {} ms",
+            self.timeout.as_millis()
+        ))
+    }
+
     /// Runs a management operation (see [`RedisStore::run_on`]).
     async fn run<T, F, Fut>(&self, name: &'static str, op: F) -> StoreResult<T>
     where
@@ -287,22 +329,9 @@ impl RedisStore {
         Fut: Future<Output = RedisResult<T>>,
     {
         let index = self.lane_for(path);
-        let work = async {
-            let existing = self.lane(index).clone();
-            let conn = match existing {
-                Some(conn) => conn,
-                None => {
-                    let conn = self.checkout().await?;
-                    *self.lane(index) = Some(conn.clone());
-                    conn
-                }
-            };
-            op(conn).await
-        };
+        let work = async { op(self.lane_conn(index).await?).await };
         let started = std::time::Instant::now();
         let outcome = tokio::time::timeout(self.timeout, work).await;
-        metrics::histogram!("sendable_keys_store_duration_seconds", "op" => name)
-            .record(started.elapsed().as_secs_f64());
         let result = match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {
@@ -314,20 +343,9 @@ impl RedisStore {
                 }
                 Err(store_error(&err))
             }
-            Err(_) => Err(StoreError::transient(format!(
-                "redis: no answer within {} ms",
-                self.timeout.as_millis()
-            ))),
+            Err(_) => Err(self.timed_out()),
         };
-        if let Err(err) = &result {
-            let kind = if err.transient {
-                "transient"
-            } else {
-                "permanent"
-            };
-            metrics::counter!("sendable_keys_store_errors_total", "op" => name, "kind" => kind)
-                .increment(1);
-        }
+        Self::observe(name, started, &result);
         result
     }
 }
@@ -439,16 +457,9 @@ fn parse_record(id: KeyId, fields: &[Option<String>]) -> StoreResult<Option<KeyR
     }))
 }
 
-/// An EVALSHA of `script` over `keys`, as one command: its arguments go into one buffer
-/// instead of a vector per argument (`redis::Script`'s invocation), which the VerifyKey
-/// profile showed as allocation and copying on every call.
-fn evalsha(script: &redis::Script, keys: &[String]) -> Cmd {
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
-    cmd
-}
-
-/// Runs an [`evalsha`] command; if the server does not know the script (a restart, a failover,
+/// Runs an EVALSHA command (built as one command: its arguments go into one buffer instead
+/// of a vector per argument, `redis::Script`'s invocation, which the VerifyKey profile showed as
+/// allocation and copying on every call); if the server does not know the script (a restart, a failover,
 /// SCRIPT FLUSH), loads it and tries once more.
 async fn eval<T: redis::FromRedisValue>(
     conn: &mut Conn,
@@ -769,32 +780,63 @@ impl KeyStore for RedisStore {
         }
     }
 
+    /// One verification, batched with the others waiting on the same hot lane (see
+    /// `batch.rs`): one script call, one round trip.
     async fn verify(&self, request: &VerifyRequest) -> StoreResult<VerifyOutcome> {
         let id = &request.key_id;
         let now = request.now;
         let today = UtcDate::from_millis(now);
         let hour = now.div_euclid(MILLIS_PER_HOUR);
-        let names = [
-            self.keys.key(id),
-            self.keys.sessions(id.shard()),
-            self.keys.usage_day(id, today),
-            self.keys.minute_requests(id, hour),
-        ];
-        let mut cmd = evalsha(&scripts::VERIFY, &names);
-        cmd.arg(versioned(request.hash_version, &request.hash))
-            .arg(now)
-            .arg(request.cost)
-            .arg(request.expected_environment.map_or(0, Environment::code))
-            .arg(&request.plan_rate_limits[..])
-            .arg(day_ttl_secs(today, now, request.usage_retention_days))
-            .arg(minute_of(now).rem_euclid(60))
-            .arg(minute_ttl_secs(hour, now));
-        let reply: String = self
-            .run_on(Path::Hot, "verify", |mut c| async move {
-                eval(&mut c, &scripts::VERIFY, &cmd).await
-            })
-            .await?;
-        decode_verify(&reply)
+        let started = std::time::Instant::now();
+        let index = self.lane_for(Path::Hot);
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = batch::Job {
+            names: [
+                self.keys.key(id),
+                self.keys.sessions(id.shard()),
+                self.keys.usage_day(id, today),
+                self.keys.minute_requests(id, hour),
+            ],
+            hash: versioned(request.hash_version, &request.hash),
+            now,
+            cost: request.cost,
+            environment: request.expected_environment.map_or(0, Environment::code),
+            day_ttl: day_ttl_secs(today, now, request.usage_retention_days),
+            minute: minute_of(now).rem_euclid(60),
+            minute_ttl: minute_ttl_secs(hour, now),
+            plan_limits: request.plan_rate_limits,
+            shard: id.shard(),
+            reply,
+        };
+        let work = async {
+            let conn = self.lane_conn(index).await.map_err(|e| batch::Failure {
+                error: store_error(&e),
+                reset_lane: false,
+            })?;
+            self.batchers[index]
+                .submit(job, conn, self.cluster, self.timeout)
+                .await;
+            match answer.await {
+                Ok(answer) => answer,
+                // The batch timed out (its senders dropped) a moment before our own clock.
+                Err(_) => Err(batch::Failure {
+                    error: self.timed_out(),
+                    reset_lane: false,
+                }),
+            }
+        };
+        let result = match tokio::time::timeout(self.timeout, work).await {
+            Ok(Ok(reply)) => decode_verify(&reply),
+            Ok(Err(failure)) => {
+                if failure.reset_lane {
+                    *self.lane(index) = None;
+                }
+                Err(failure.error)
+            }
+            Err(_) => Err(self.timed_out()),
+        };
+        Self::observe("verify", started, &result);
+        result
     }
 }
 

@@ -28,21 +28,27 @@ use redis::Script;
 /// Record fields returned to Rust, in this order, by HMGET and by the scripts' replies.
 pub const RECORD_FIELDS: [&str; 10] = ["s", "e", "n", "st", "ct", "lu", "x", "rt", "rr", "rb"];
 
-/// VerifyKey. One call, one slot.
+/// VerifyKey, for one verification or a batch of them in one call.
 ///
-/// KEYS[1] key record, KEYS[2] the shard's session table, KEYS[3] the key's usage hash for
-/// today, KEYS[4] the key's per-minute request counters for this hour.
-/// ARGV[1] presented hash (version byte + 32 bytes), ARGV[2] now (ms), ARGV[3] cost,
-/// ARGV[4] expected environment code (0 = any), ARGV[5..8] default rate limit of plans 1..4
-/// (0 = none), ARGV[9] TTL (s) of today's usage hash, ARGV[10] minute of the hour,
-/// ARGV[11] TTL (s) of this hour's minute counters.
+/// ARGV[1..4] the default rate limit of plans 1..4 (0 = none). Then, per verification `i`
+/// (from 0), four KEYS from `4i + 1`: the key record, the shard's session table, the key's
+/// usage hash for today, its per-minute request counters for this hour; and seven ARGV from
+/// `4 + 7i + 1`: presented hash (version byte + 32 bytes), now (ms), cost, expected
+/// environment code (0 = any), TTL (s) of today's usage hash, minute of the hour, TTL (s) of
+/// this hour's minute counters.
 ///
-/// Reply: one string of `:`-separated fields (one bulk string parses far cheaper than an
-/// eight-element array on the client; session ids cannot contain `:`): `decision` for
+/// Reply: one string per verification, joined by `\n` (session ids cannot contain `:` or a
+/// newline; one bulk string parses far cheaper on the client than an array): `decision` for
 /// NOT_FOUND; `decision:session id:env:plan` for decisions that consume nothing;
 /// `decision:session id:env:plan:limit:remaining:reset_after_ms:retry_after_ms` (-1 = never)
-/// for VALID and RATE_LIMITED. The window arithmetic mirrors
-/// `domain::ratelimit::admit` line by line (the conformance tests hold them together).
+/// for VALID and RATE_LIMITED; in a batch, `E<message>` for a verification that failed (a
+/// corrupt record), so one bad record fails only its own call. A single verification's error
+/// is the script's error. The window arithmetic mirrors `domain::ratelimit::admit` line by
+/// line (the conformance tests hold them together).
+///
+/// Verifications in one call run one after the other, exactly as separate calls would, so a
+/// batch changes nothing about limits: two verifications of one key in a batch see each
+/// other's consumption.
 ///
 /// Every decision about a found key is counted (per day and decision, per minute); the
 /// TTLs are set only when a counter is created (HINCRBY answered 1), so a busy key pays for
@@ -56,66 +62,85 @@ pub const RECORD_FIELDS: [&str; 10] = ["s", "e", "n", "st", "ct", "lu", "x", "rt
 pub static VERIFY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local k = redis.call('HMGET', KEYS[1], 'h', 's', 'e', 'st', 'x', 'w')
-if k[1] ~= ARGV[1] then return '3' end
-local packed = redis.call('HGET', KEYS[2], k[2])
-if not packed then return '3' end
-local _, plan, enabled, crl = string.match(packed, '^(%d+):(%d+):(%d+):(%d*):')
-local now = tonumber(ARGV[2])
-local d
-if k[4] == 'r' then d = '4'
-elseif k[5] and tonumber(k[5]) <= now then d = '5'
-elseif enabled ~= '1' then d = '6'
-elseif ARGV[4] ~= '0' and ARGV[4] ~= k[3] then d = '7' end
-local reply
-if d then
-  redis.call('HSET', KEYS[1], 'lu', ARGV[2])
-  reply = d .. ':' .. k[2] .. ':' .. k[3] .. ':' .. plan
-else
-  local limit = tonumber(crl) or tonumber(ARGV[4 + tonumber(plan)]) or 0
-  local W = 60000
-  local window = math.floor(now / W)
-  local rw, rc, rp = string.match(k[6] or '', '^(%d+):(%d+):(%d+)$')
-  rw, rc, rp = tonumber(rw), tonumber(rc) or 0, tonumber(rp) or 0
-  local elapsed, cur, prev
-  if rw and rw > window then
-    window, elapsed, cur, prev = rw, 0, rc, rp
+local function one(kb, ab)
+  local rec = KEYS[kb + 1]
+  local k = redis.call('HMGET', rec, 'h', 's', 'e', 'st', 'x', 'w')
+  if k[1] ~= ARGV[ab + 1] then return '3' end
+  local packed = redis.call('HGET', KEYS[kb + 2], k[2])
+  if not packed then return '3' end
+  local _, plan, enabled, crl = string.match(packed, '^(%d+):(%d+):(%d+):(%d*):')
+  local nows = ARGV[ab + 2]
+  local now = tonumber(nows)
+  local env = ARGV[ab + 4]
+  local d
+  if k[4] == 'r' then d = '4'
+  elseif k[5] and tonumber(k[5]) <= now then d = '5'
+  elseif enabled ~= '1' then d = '6'
+  elseif env ~= '0' and env ~= k[3] then d = '7' end
+  local reply
+  if d then
+    redis.call('HSET', rec, 'lu', nows)
+    reply = d .. ':' .. k[2] .. ':' .. k[3] .. ':' .. plan
   else
-    elapsed = now - window * W
-    if rw == window then cur, prev = rc, rp
-    elseif rw == window - 1 then cur, prev = 0, rc
-    else cur, prev = 0, 0 end
-  end
-  local weight = W - elapsed
-  local cost = tonumber(ARGV[3])
-  local ps = prev * weight
-  local retry = -1
-  d = '8'
-  if (cur + cost) * W + ps <= limit * W then
-    cur = cur + cost
-    d = '1'
-  elseif cur + cost <= limit and prev > 0 then
-    retry = weight - math.floor((limit - cur - cost) * W / prev)
-  elseif cost <= limit then
-    local t = 0
-    if cur > 0 then
-      t = W - math.floor((limit - cost) * W / cur)
-      if t < 0 then t = 0 end
+    local limit = tonumber(crl) or tonumber(ARGV[tonumber(plan)]) or 0
+    local W = 60000
+    local window = math.floor(now / W)
+    local rw, rc, rp = string.match(k[6] or '', '^(%d+):(%d+):(%d+)$')
+    rw, rc, rp = tonumber(rw), tonumber(rc) or 0, tonumber(rp) or 0
+    local elapsed, cur, prev
+    if rw and rw > window then
+      window, elapsed, cur, prev = rw, 0, rc, rp
+    else
+      elapsed = now - window * W
+      if rw == window then cur, prev = rc, rp
+      elseif rw == window - 1 then cur, prev = 0, rc
+      else cur, prev = 0, 0 end
     end
-    retry = weight + t
+    local weight = W - elapsed
+    local cost = tonumber(ARGV[ab + 3])
+    local ps = prev * weight
+    local retry = -1
+    d = '8'
+    if (cur + cost) * W + ps <= limit * W then
+      cur = cur + cost
+      d = '1'
+    elseif cur + cost <= limit and prev > 0 then
+      retry = weight - math.floor((limit - cur - cost) * W / prev)
+    elseif cost <= limit then
+      local t = 0
+      if cur > 0 then
+        t = W - math.floor((limit - cost) * W / cur)
+        if t < 0 then t = 0 end
+      end
+      retry = weight + t
+    end
+    local remaining = math.floor((limit * W - cur * W - ps) / W)
+    if remaining < 0 then remaining = 0 end
+    redis.call('HSET', rec, 'lu', nows, 'w', string.format('%d:%d:%d', window, cur, prev))
+    reply = string.format('%s:%s:%s:%s:%d:%d:%d:%d', d, k[2], k[3], plan, limit, remaining,
+      weight, retry)
   end
-  local remaining = math.floor((limit * W - cur * W - ps) / W)
-  if remaining < 0 then remaining = 0 end
-  redis.call('HSET', KEYS[1], 'lu', ARGV[2], 'w', string.format('%d:%d:%d', window, cur, prev))
-  reply = string.format('%s:%s:%s:%s:%d:%d:%d:%d', d, k[2], k[3], plan, limit, remaining, weight, retry)
+  if redis.call('HINCRBY', KEYS[kb + 3], 'd' .. d, '1') == 1 then
+    redis.call('EXPIRE', KEYS[kb + 3], ARGV[ab + 5])
+  end
+  if redis.call('HINCRBY', KEYS[kb + 4], ARGV[ab + 6], '1') == 1 then
+    redis.call('EXPIRE', KEYS[kb + 4], ARGV[ab + 7])
+  end
+  return reply
 end
-if redis.call('HINCRBY', KEYS[3], 'd' .. d, '1') == 1 then
-  redis.call('EXPIRE', KEYS[3], ARGV[9])
+local n = #KEYS / 4
+if n == 1 then return one(0, 4) end
+local out = {}
+for i = 0, n - 1 do
+  local ok, r = pcall(one, i * 4, 4 + i * 7)
+  if ok then
+    out[i + 1] = r
+  else
+    if type(r) == 'table' then r = r.err end
+    out[i + 1] = 'E' .. string.gsub(tostring(r), '\n', ' ')
+  end
 end
-if redis.call('HINCRBY', KEYS[4], ARGV[10], '1') == 1 then
-  redis.call('EXPIRE', KEYS[4], ARGV[11])
-end
-return reply
+return table.concat(out, '\n')
 "#,
     )
 });

@@ -1,0 +1,221 @@
+//! Verification batching on a hot lane: the VerifyKey calls waiting at the same moment go
+//! to Redis as one `EVALSHA` of the VERIFY script instead of one each.
+//!
+//! Why: under load, Redis spends a fixed ~2 µs per script call (finding the script, setting
+//! up Lua, building the KEYS/ARGV tables) plus its command parsing and socket work, and the
+//! service pays redis-rs's per-command channel hop, reply parsing and wake-up. A batch pays
+//! those once. Verifications in a batch still run one after the other inside one atomic
+//! script, so limits stay exact, and each call still waits for exactly one round trip.
+//!
+//! How a batch forms, without timers: when the lane is idle (nothing queued, no script call on
+//! the wire), a call sends its own job at once, so one call in flight costs what it did before
+//! batching. Otherwise it puts its job in the lane's queue, and the call that finds the queue
+//! empty spawns a *flush* task; the flush first yields to the scheduler, so
+//! every request already runnable on this worker (the rest of the HTTP/2 frames that arrived
+//! in the same read) joins the queue, then takes the whole queue and sends it. The next call
+//! finds the queue empty again and starts the next flush, so batches are pipelined on the
+//! socket rather than waiting for each other. Under load the spawn and the yield are shared by
+//! the whole batch.
+//!
+//! The flush is a spawned task rather than work done by the first caller, so a caller that
+//! goes away (its client cancelled) cannot strand the jobs queued behind it.
+//!
+//! In a Redis Cluster a script may only touch one slot, so a batch is split by shard (the
+//! hash tag of every name a verification touches); on a standalone server a batch is one call.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::Cmd;
+use tokio::sync::oneshot;
+
+use super::{Conn, StoreError, eval, scripts, store_error};
+use crate::domain::Millis;
+
+/// Most verifications in one script call: bounds the time Redis spends in one script (a batch
+/// of 256 runs in ~2 ms) and the size of one command.
+const MAX_BATCH: usize = 256;
+
+/// One verification's arguments (see the VERIFY script) and where its answer goes.
+pub(super) struct Job {
+    /// Key record, session table, usage day, minute counters.
+    pub names: [String; 4],
+    /// Version byte + hash.
+    pub hash: Vec<u8>,
+    pub now: Millis,
+    pub cost: u32,
+    pub environment: u8,
+    pub day_ttl: i64,
+    pub minute: i64,
+    pub minute_ttl: i64,
+    /// The plan table's default limits: shared by a script call, so jobs with different
+    /// tables (a plans reload between two calls) never share one.
+    pub plan_limits: [u32; 4],
+    /// Cluster slot group: jobs of different shards never share a call in a cluster.
+    pub shard: u16,
+    pub reply: oneshot::Sender<Result<String, Failure>>,
+}
+
+/// Why a job got no answer.
+#[derive(Clone, Debug)]
+pub(super) struct Failure {
+    pub error: StoreError,
+    /// The connection failed: the caller empties its lane so the next call reconnects.
+    pub reset_lane: bool,
+}
+
+/// A hot lane's queue of verifications waiting to be sent.
+#[derive(Default)]
+pub(super) struct Batcher {
+    queue: Mutex<Vec<Job>>,
+    /// Script calls of this lane on the wire.
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Batcher {
+    /// Sends `job`, alone or with others. When the lane is idle (nothing queued, nothing on
+    /// the wire) there is nothing to batch with: the job goes out at once, from the caller's
+    /// own task, so a lightly loaded service pays nothing for batching. Otherwise it is queued;
+    /// if it is the first in the queue, a flush task is spawned that sends it and whatever
+    /// joins it.
+    pub async fn submit(self: &Arc<Self>, job: Job, conn: Conn, cluster: bool, timeout: Duration) {
+        let (direct, first) = {
+            let mut queue = self.lock();
+            if queue.is_empty() && self.in_flight.load(Ordering::Acquire) == 0 {
+                (Some(job), false)
+            } else {
+                queue.push(job);
+                (None, queue.len() == 1)
+            }
+        };
+        if let Some(job) = direct {
+            call(vec![job], conn, timeout, Arc::clone(&self.in_flight)).await;
+            return;
+        }
+        if first {
+            let batcher = Arc::clone(self);
+            tokio::spawn(async move {
+                // Let the requests that are already runnable join this batch.
+                tokio::task::yield_now().await;
+                let jobs = std::mem::take(&mut *batcher.lock());
+                flush(jobs, conn, cluster, timeout, batcher.in_flight.clone()).await;
+            });
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Job>> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Counts a script call as on the wire while it lives (also if its future is dropped).
+struct OnTheWire(Arc<AtomicUsize>);
+
+impl OnTheWire {
+    fn new(counter: Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        OnTheWire(counter)
+    }
+}
+
+impl Drop for OnTheWire {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Sends `jobs` as as few script calls as the topology allows, all at once.
+async fn flush(
+    mut jobs: Vec<Job>,
+    conn: Conn,
+    cluster: bool,
+    timeout: Duration,
+    in_flight: Arc<AtomicUsize>,
+) {
+    // Group jobs that may share a call; a stable sort keeps each key's calls in arrival order.
+    if cluster {
+        jobs.sort_by_key(|j| (j.shard, j.plan_limits));
+    } else {
+        jobs.sort_by_key(|j| j.plan_limits);
+    }
+    let mut calls = Vec::new();
+    let mut rest = jobs.into_iter().peekable();
+    while let Some(first) = rest.next() {
+        let mut group = vec![first];
+        while group.len() < MAX_BATCH
+            && rest.peek().is_some_and(|next| {
+                next.plan_limits == group[0].plan_limits
+                    && (!cluster || next.shard == group[0].shard)
+            })
+        {
+            group.extend(rest.next());
+        }
+        calls.push(call(group, conn.clone(), timeout, in_flight.clone()));
+    }
+    futures_util::future::join_all(calls).await;
+}
+
+/// One script call for `jobs`; every job gets its own answer.
+async fn call(jobs: Vec<Job>, mut conn: Conn, timeout: Duration, in_flight: Arc<AtomicUsize>) {
+    let _on_the_wire = OnTheWire::new(in_flight);
+    let cmd = command(&jobs);
+    let outcome =
+        tokio::time::timeout(timeout, eval::<String>(&mut conn, &scripts::VERIFY, &cmd)).await;
+    match outcome {
+        Ok(Ok(reply)) => {
+            let mut answers = reply.split('\n');
+            for job in jobs {
+                let answer = match answers.next() {
+                    Some(a) if a.starts_with('E') => Err(Failure {
+                        error: StoreError::permanent(format!("redis: {}", &a[1..])),
+                        reset_lane: false,
+                    }),
+                    Some(a) => Ok(a.to_owned()),
+                    None => Err(Failure {
+                        error: StoreError::permanent("redis: short reply to a verify batch"),
+                        reset_lane: false,
+                    }),
+                };
+                // The caller may have given up (timeout, cancelled); nothing to do then.
+                let _ = job.reply.send(answer);
+            }
+        }
+        Ok(Err(err)) => {
+            let failure = Failure {
+                error: store_error(&err),
+                reset_lane: err.is_io_error()
+                    || err.is_connection_dropped()
+                    || err.is_unrecoverable_error(),
+            };
+            for job in jobs {
+                let _ = job.reply.send(Err(failure.clone()));
+            }
+        }
+        // The callers time out on their own clocks; dropping the senders tells any that
+        // are still waiting.
+        Err(_) => {}
+    }
+}
+
+/// The EVALSHA for `jobs` (all with the same plan limits): see the VERIFY script's layout.
+fn command(jobs: &[Job]) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(scripts::VERIFY.get_hash()).arg(jobs.len() * 4);
+    for job in jobs {
+        cmd.arg(&job.names[..]);
+    }
+    cmd.arg(&jobs[0].plan_limits[..]);
+    for job in jobs {
+        cmd.arg(&job.hash[..])
+            .arg(job.now)
+            .arg(job.cost)
+            .arg(job.environment)
+            .arg(job.day_ttl)
+            .arg(job.minute)
+            .arg(job.minute_ttl);
+    }
+    cmd
+}
