@@ -103,3 +103,16 @@ impl VerifyOutcome {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Decision;
+
+    #[test]
+    fn all_lists_the_decisions_in_code_order_from_one() {
+        // Per-decision tables (the metrics counters) are indexed by `code() - 1`.
+        for (i, d) in Decision::ALL.into_iter().enumerate() {
+            assert_eq!(usize::from(d.code()), i + 1, "{d:?}");
+        }
+    }
+}

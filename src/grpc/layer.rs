@@ -6,13 +6,15 @@
 //! `sendable_keys_grpc_request_duration_seconds{method}`). Handlers keep none of this
 //! bookkeeping.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use metrics::{Counter, Histogram};
 use tonic::Code;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
@@ -228,11 +230,35 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
     }
 }
 
+/// A request's metric handles, by method, code and caller.
+type Handles = HashMap<(&'static str, &'static str, String), (Counter, Histogram)>;
+
+/// Looking a labelled metric up in the registry builds, hashes and compares its key: ~2k
+/// instructions per request in the VerifyKey profile. The label sets are few (methods × codes ×
+/// configured callers), so each is looked up once and its handles kept.
+static HANDLES: LazyLock<RwLock<Handles>> = LazyLock::new(RwLock::default);
+
 fn record(method: &'static str, code: &'static str, caller: String, started: Instant) {
-    metrics::counter!("sendable_keys_grpc_requests_total", "method" => method, "code" => code, "caller" => caller)
-        .increment(1);
-    metrics::histogram!("sendable_keys_grpc_request_duration_seconds", "method" => method)
-        .record(started.elapsed().as_secs_f64());
+    let elapsed = started.elapsed().as_secs_f64();
+    let key = (method, code, caller);
+    let known = HANDLES
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&key)
+        .cloned();
+    let (requests, duration) = known.unwrap_or_else(|| {
+        let handles = (
+            metrics::counter!("sendable_keys_grpc_requests_total", "method" => method, "code" => code, "caller" => key.2.clone()),
+            metrics::histogram!("sendable_keys_grpc_request_duration_seconds", "method" => method),
+        );
+        HANDLES
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key, handles.clone());
+        handles
+    });
+    requests.increment(1);
+    duration.record(elapsed);
 }
 
 impl<S, B, RB> Service<http::Request<B>> for RequestService<S>

@@ -90,7 +90,8 @@ impl Batcher {
             }
         };
         if let Some(job) = direct {
-            call(vec![job], conn, timeout, Arc::clone(&self.in_flight)).await;
+            // The caller's own timeout bounds this call: no second timer.
+            call(vec![job], conn, None, Arc::clone(&self.in_flight)).await;
             return;
         }
         if first {
@@ -153,19 +154,28 @@ async fn flush(
         {
             group.extend(rest.next());
         }
-        calls.push(call(group, conn.clone(), timeout, in_flight.clone()));
+        calls.push(call(group, conn.clone(), Some(timeout), in_flight.clone()));
     }
     futures_util::future::join_all(calls).await;
 }
 
-/// One script call for `jobs`; every job gets its own answer.
-async fn call(jobs: Vec<Job>, mut conn: Conn, timeout: Duration, in_flight: Arc<AtomicUsize>) {
+/// One script call for `jobs`, given up after `timeout` if one is set; every job gets its own
+/// answer.
+async fn call(
+    jobs: Vec<Job>,
+    mut conn: Conn,
+    timeout: Option<Duration>,
+    in_flight: Arc<AtomicUsize>,
+) {
     let _on_the_wire = OnTheWire::new(in_flight);
     let cmd = command(&jobs);
-    let outcome =
-        tokio::time::timeout(timeout, eval::<String>(&mut conn, &scripts::VERIFY, &cmd)).await;
+    let work = eval::<String>(&mut conn, &scripts::VERIFY, &cmd);
+    let outcome = match timeout {
+        Some(limit) => tokio::time::timeout(limit, work).await.ok(),
+        None => Some(work.await),
+    };
     match outcome {
-        Ok(Ok(reply)) => {
+        Some(Ok(reply)) => {
             let mut answers = reply.split('\n');
             for job in jobs {
                 let answer = match answers.next() {
@@ -183,7 +193,7 @@ async fn call(jobs: Vec<Job>, mut conn: Conn, timeout: Duration, in_flight: Arc<
                 let _ = job.reply.send(answer);
             }
         }
-        Ok(Err(err)) => {
+        Some(Err(err)) => {
             let failure = Failure {
                 error: store_error(&err),
                 reset_lane: err.is_io_error()
@@ -196,7 +206,7 @@ async fn call(jobs: Vec<Job>, mut conn: Conn, timeout: Duration, in_flight: Arc<
         }
         // The callers time out on their own clocks; dropping the senders tells any that
         // are still waiting.
-        Err(_) => {}
+        None => {}
     }
 }
 
