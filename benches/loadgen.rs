@@ -12,8 +12,12 @@
 //! of this machine under this load generator. The machines are shared and noisy, so absolute
 //! numbers move between runs; the ratios much less.
 //!
+//! The empty RPC and VerifyKey VALID of each server are measured in alternating slices
+//! (`--slices`, default 5 of each), so the noise of a shared machine falls on both sides of
+//! their ratio.
+//!
 //! Options (after `--`): `--duration 10s --warmup 2s --concurrency 64 --connections 4
-//! --keys 1000 --memory-keys 100000 --only <scenario substring>`.
+//! --keys 1000 --memory-keys 100000 --slices 5 --only <scenario substring>`.
 
 #[path = "../tests/common/process.rs"]
 mod process;
@@ -67,6 +71,9 @@ struct Args {
     /// machine, so it is what optimizations are judged by.
     #[arg(long)]
     instructions: Option<u64>,
+    /// The empty RPC and VerifyKey VALID alternate in this many slices each (see `main`).
+    #[arg(long, default_value_t = 5)]
+    slices: u32,
     /// Run only scenarios whose name contains this.
     #[arg(long)]
     only: Option<String>,
@@ -184,6 +191,34 @@ struct Measured {
 }
 
 impl Measured {
+    /// Two measurements of the same scenario as one (interleaved slices).
+    fn merge(mut self, other: Measured) -> Measured {
+        let weighted = |a: f64, b: f64| {
+            let total = (self.calls + other.calls).max(1) as f64;
+            (a * self.calls as f64 + b * other.calls as f64) / total
+        };
+        let redis = match (self.redis, other.redis) {
+            (Some((r1, c1)), Some((r2, c2))) => Some((weighted(r1, r2), weighted(c1, c2))),
+            (one, other) => one.or(other),
+        };
+        let redis_cpu = match (self.redis_cpu, other.redis_cpu) {
+            (Some(a), Some(b)) => Some(a + b),
+            (one, other) => one.or(other),
+        };
+        self.latencies_us.extend(other.latencies_us);
+        self.latencies_us.sort_unstable();
+        Measured {
+            calls: self.calls + other.calls,
+            errors: self.errors + other.errors,
+            elapsed: self.elapsed + other.elapsed,
+            latencies_us: self.latencies_us,
+            cpu: self.cpu + other.cpu,
+            redis_cpu,
+            loadgen_cpu: self.loadgen_cpu + other.loadgen_cpu,
+            redis,
+        }
+    }
+
     fn rate(&self) -> f64 {
         self.calls as f64 / self.elapsed.as_secs_f64()
     }
@@ -200,9 +235,11 @@ impl Measured {
 }
 
 /// Closed-loop load: `concurrency` workers over the channels, each calling `call` back to back
-/// for warm-up + duration; only the measured part counts.
+/// for `warmup` + `duration`; only the measured part counts.
+#[allow(clippy::too_many_arguments)]
 async fn drive<F, Fut>(
-    args: &Args,
+    warmup: Duration,
+    duration: Duration,
     concurrency: usize,
     channels: &[Channel],
     service: &Service,
@@ -236,7 +273,7 @@ where
             (latencies, errors)
         }));
     }
-    tokio::time::sleep(args.warmup).await;
+    tokio::time::sleep(warmup).await;
     let mut conn = redis.map(redis_conn);
     let before_stats = conn.as_mut().map(redis_harness::commandstats);
     let redis_cpu_before = conn.as_mut().map(redis_cpu);
@@ -245,7 +282,7 @@ where
     let cpu_before = cpu_time(service.pid());
     let started = Instant::now();
     measuring.store(true, Ordering::Relaxed);
-    tokio::time::sleep(args.duration).await;
+    tokio::time::sleep(duration).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed();
     let cpu = cpu_time(service.pid()) - cpu_before;
@@ -383,6 +420,10 @@ async fn create_keys(channel: &Channel, sessions: &[String], n: usize) -> Vec<St
     out
 }
 
+/// A load generator call, as a shareable object (scenarios of different call types alternate).
+type Call =
+    Arc<dyn Fn(Channel, u64) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
+
 fn health_call()
 -> impl Fn(Channel, u64) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>> + Clone + Send + 'static
 {
@@ -455,9 +496,10 @@ async fn main() {
     println!();
     println!(
         "machine: {cores} cores shared by the load generator, the service and Redis; redis-server {version}; \
-         {} per scenario after {} warm-up; {} keys",
+         {} per scenario after {} warm-up (empty RPC and VerifyKey VALID alternating in {} slices each); {} keys",
         humantime(args.duration),
         humantime(args.warmup),
+        args.slices,
         args.keys
     );
     println!();
@@ -483,37 +525,56 @@ async fn main() {
             create_session(&channels[0], s, pb::Plan::Enterprise, Some(100_000_000)).await;
         }
         let keys = Arc::new(create_keys(&channels[0], &sessions, args.keys).await);
+        // The ceiling and VerifyKey are measured in alternating slices (`--slices` of each,
+        // together `--duration` per scenario), so a change in what else this shared machine is
+        // doing falls on both sides of the ratio instead of on one.
         let ceiling = format!("empty RPC (health), {} server", service.name);
-        if wanted(&args, &ceiling) {
-            let m = drive(
-                &args,
-                args.concurrency,
-                &channels,
-                service,
-                redis_url,
-                health_call(),
-            )
-            .await;
-            report.add(ceiling.clone(), args.concurrency, args.connections, m);
-        }
         let verify = format!("VerifyKey VALID, {} store", service.name);
-        if wanted(&args, &verify) {
-            let m = drive(
-                &args,
-                args.concurrency,
-                &channels,
-                service,
-                redis_url,
-                verify_call(keys.clone(), &[pb::Decision::Valid]),
-            )
-            .await;
-            report.add(verify.clone(), args.concurrency, args.connections, m);
+        let health: Call = Arc::new(health_call());
+        let valid: Call = Arc::new(verify_call(keys.clone(), &[pb::Decision::Valid]));
+        let pair: Vec<(String, Call)> = [(ceiling, health), (verify, valid)]
+            .into_iter()
+            .filter(|(name, _)| wanted(&args, name))
+            .collect();
+        let slices = args.slices.max(1);
+        let slice = args.duration / slices;
+        let mut merged: Vec<Option<Measured>> = pair.iter().map(|_| None).collect();
+        for round in 0..slices {
+            // Full warm-up before the first slice; a short one (new workers) before the others.
+            let warmup = if round == 0 {
+                args.warmup
+            } else {
+                Duration::from_millis(300)
+            };
+            for ((_, call), total) in pair.iter().zip(merged.iter_mut()) {
+                let call = Arc::clone(call);
+                let m = drive(
+                    warmup,
+                    slice,
+                    args.concurrency,
+                    &channels,
+                    service,
+                    redis_url,
+                    move |channel, n| call(channel, n),
+                )
+                .await;
+                *total = Some(match total.take() {
+                    Some(before) => before.merge(m),
+                    None => m,
+                });
+            }
+        }
+        for ((name, _), m) in pair.into_iter().zip(merged) {
+            if let Some(m) = m {
+                report.add(name, args.concurrency, args.connections, m);
+            }
         }
         if service.name == "redis" {
             let single = "VerifyKey VALID, redis store, 1 in flight".to_owned();
             if wanted(&args, &single) {
                 let m = drive(
-                    &args,
+                    args.warmup,
+                    args.duration,
                     1,
                     &channels[..1],
                     service,
@@ -539,7 +600,8 @@ async fn main() {
                     }
                 }
                 let m = drive(
-                    &args,
+                    args.warmup,
+                    args.duration,
                     args.concurrency,
                     &channels,
                     service,
@@ -553,7 +615,8 @@ async fn main() {
             if wanted(&args, &malformed) {
                 let junk = Arc::new(vec![MALFORMED_KEY.to_owned()]);
                 let m = drive(
-                    &args,
+                    args.warmup,
+                    args.duration,
                     args.concurrency,
                     &channels,
                     service,
@@ -827,16 +890,15 @@ async fn instructions(n: u64) {
     let junk = Arc::new(vec![MALFORMED_KEY.to_owned()]);
     println!("| call | service instructions per call (callgrind, {n} sequential calls) |");
     println!("| --- | ---: |");
-    type Call = Box<dyn Fn(Channel, u64) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>>>;
     let kinds: [(&str, Call); 3] = [
-        ("empty RPC (health)", Box::new(health_call())),
+        ("empty RPC (health)", Arc::new(health_call())),
         (
             "VerifyKey MALFORMED",
-            Box::new(verify_call(junk, &[pb::Decision::Malformed])),
+            Arc::new(verify_call(junk, &[pb::Decision::Malformed])),
         ),
         (
             "VerifyKey VALID (Redis)",
-            Box::new(verify_call(keys, &[pb::Decision::Valid])),
+            Arc::new(verify_call(keys, &[pb::Decision::Valid])),
         ),
     ];
     for (name, call) in kinds {
