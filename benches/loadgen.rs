@@ -166,6 +166,19 @@ fn redis_conn(url: &str) -> ::redis::Connection {
         .expect("redis")
 }
 
+/// Microseconds Redis has spent running scripts (INFO commandstats, EVALSHA and EVAL).
+fn script_usec(conn: &mut ::redis::Connection) -> u64 {
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query(conn)
+        .expect("info");
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| l.split(',').find_map(|f| f.strip_prefix("usec=")))
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum()
+}
+
 /// Redis's own CPU time (INFO cpu: used_cpu_user + used_cpu_sys of the main thread and all).
 fn redis_cpu(conn: &mut ::redis::Connection) -> Duration {
     let info: String = ::redis::cmd("INFO").arg("cpu").query(conn).expect("info");
@@ -187,7 +200,9 @@ struct Measured {
     cpu: Duration,
     redis_cpu: Option<Duration>,
     loadgen_cpu: Duration,
-    redis: Option<(f64, f64)>,
+    /// Per measured call: script calls (EVALSHA), commands inside scripts, and Redis's time
+    /// running scripts (µs, INFO commandstats).
+    redis: Option<(f64, f64, f64)>,
 }
 
 impl Measured {
@@ -198,7 +213,9 @@ impl Measured {
             (a * self.calls as f64 + b * other.calls as f64) / total
         };
         let redis = match (self.redis, other.redis) {
-            (Some((r1, c1)), Some((r2, c2))) => Some((weighted(r1, r2), weighted(c1, c2))),
+            (Some((r1, c1, u1)), Some((r2, c2, u2))) => {
+                Some((weighted(r1, r2), weighted(c1, c2), weighted(u1, u2)))
+            }
             (one, other) => one.or(other),
         };
         let redis_cpu = match (self.redis_cpu, other.redis_cpu) {
@@ -276,6 +293,7 @@ where
     tokio::time::sleep(warmup).await;
     let mut conn = redis.map(redis_conn);
     let before_stats = conn.as_mut().map(redis_harness::commandstats);
+    let script_before = conn.as_mut().map(script_usec);
     let redis_cpu_before = conn.as_mut().map(redis_cpu);
     let own = std::process::id() as i32;
     let loadgen_before = cpu_time(own);
@@ -292,6 +310,7 @@ where
         _ => None,
     };
     let after_stats = conn.as_mut().map(redis_harness::commandstats);
+    let script_after = conn.as_mut().map(script_usec);
     stop.store(true, Ordering::Relaxed);
     let mut latencies_us = Vec::new();
     let mut errors = 0;
@@ -308,12 +327,15 @@ where
                 after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
             };
             let total: u64 = after.keys().map(|k| delta(k)).sum();
-            let round_trips = delta("evalsha") + delta("eval");
-            let inside = total - round_trips;
-            // Calls counted by the workers stop a moment before the stats are read, so
-            // divide by the commands' own count of script calls when it is the larger.
+            let script_calls = delta("evalsha") + delta("eval");
+            let inside = total - script_calls;
+            let script = script_after.unwrap_or(0) - script_before.unwrap_or(0);
             let per = calls.max(1) as f64;
-            Some((round_trips as f64 / per, inside as f64 / per))
+            Some((
+                script_calls as f64 / per,
+                inside as f64 / per,
+                script as f64 / per,
+            ))
         }
         _ => None,
     };
@@ -336,23 +358,24 @@ struct Report {
 impl Report {
     fn print_header() {
         println!(
-            "| scenario | in flight | conns | calls/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | service CPU µs/call | Redis CPU µs/call | loadgen CPU µs/call | Redis round trips/call | Redis cmds in script/call |"
+            "| scenario | in flight | conns | calls/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | service CPU µs/call | Redis CPU µs/call | loadgen CPU µs/call | Redis script calls/call | Redis cmds in script/call | Redis script µs/call |"
         );
         println!(
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         );
     }
 
     fn add(&mut self, name: String, concurrency: usize, connections: usize, m: Measured) {
-        let (rt, cmds) = m.redis.map_or(("—".to_owned(), "—".to_owned()), |(rt, c)| {
-            (format!("{rt:.3}"), format!("{c:.2}"))
-        });
+        let (rt, cmds, script) = m.redis.map_or(
+            ("—".to_owned(), "—".to_owned(), "—".to_owned()),
+            |(rt, c, u)| (format!("{rt:.3}"), format!("{c:.2}"), format!("{u:.1}")),
+        );
         let per_call = |d: Duration| d.as_micros() as f64 / m.calls.max(1) as f64;
         let redis_cpu = m
             .redis_cpu
             .map_or("—".to_owned(), |d| format!("{:.1}", per_call(d)));
         println!(
-            "| {name} | {concurrency} | {connections} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {:.1} | {redis_cpu} | {:.1} | {rt} | {cmds} |",
+            "| {name} | {concurrency} | {connections} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {:.1} | {redis_cpu} | {:.1} | {rt} | {cmds} | {script} |",
             m.rate(),
             m.percentile(0.50),
             m.percentile(0.90),
