@@ -102,9 +102,20 @@ struct Service {
 
 impl Service {
     fn start(name: &'static str, redis_url: Option<&str>, pool_size: u16, workers: usize) -> Self {
+        Self::start_with(name, redis_url, pool_size, workers, &[])
+    }
+
+    fn start_with(
+        name: &'static str,
+        redis_url: Option<&str>,
+        pool_size: u16,
+        workers: usize,
+        extra_env: &[(&str, &str)],
+    ) -> Self {
         let pool_size = pool_size.to_string();
         let workers = workers.to_string();
         let mut env = vec![("SENDABLE_KEYS_REDIS_POOL_SIZE", pool_size.as_str())];
+        env.extend_from_slice(extra_env);
         if workers != "0" {
             env.push(("SENDABLE_KEYS_WORKER_THREADS", workers.as_str()));
         }
@@ -534,6 +545,29 @@ async fn main() {
         args.redis_pool_size,
         args.worker_threads,
     );
+    // The same, with verification batching off: measured beside the default, to show what
+    // batching is worth on this machine.
+    let unbatched = Service::start_with(
+        "redis, batching off",
+        Some(&url),
+        args.redis_pool_size,
+        args.worker_threads,
+        &[("SENDABLE_KEYS_REDIS_BATCHING", "false")],
+    );
+    let unbatched_channels = unbatched.channels(args.connections).await;
+    let unbatched_sessions: Vec<String> =
+        (0..100).map(|i| format!("bench-unbatched-{i}")).collect();
+    for s in &unbatched_sessions {
+        create_session(
+            &unbatched_channels[0],
+            s,
+            pb::Plan::Enterprise,
+            Some(100_000_000),
+        )
+        .await;
+    }
+    let unbatched_keys =
+        Arc::new(create_keys(&unbatched_channels[0], &unbatched_sessions, args.keys).await);
     let mut report = Report { rows: Vec::new() };
     Report::print_header();
 
@@ -548,17 +582,27 @@ async fn main() {
             create_session(&channels[0], s, pb::Plan::Enterprise, Some(100_000_000)).await;
         }
         let keys = Arc::new(create_keys(&channels[0], &sessions, args.keys).await);
-        // The ceiling and VerifyKey are measured in alternating slices (`--slices` of each,
-        // together `--duration` per scenario), so a change in what else this shared machine is
-        // doing falls on both sides of the ratio instead of on one.
+        // The ceiling and VerifyKey (on Redis also VerifyKey with batching off) are measured in
+        // alternating slices (`--slices` of each, together `--duration` per scenario), so a
+        // change in what else this shared machine is doing falls on every side of a comparison
+        // instead of on one.
         let ceiling = format!("empty RPC (health), {} server", service.name);
         let verify = format!("VerifyKey VALID, {} store", service.name);
         let health: Call = Arc::new(health_call());
         let valid: Call = Arc::new(verify_call(keys.clone(), &[pb::Decision::Valid]));
-        let pair: Vec<(String, Call)> = [(ceiling, health), (verify, valid)]
-            .into_iter()
-            .filter(|(name, _)| wanted(&args, name))
-            .collect();
+        let mut pair: Vec<(String, Call, &Service, &[Channel])> = vec![
+            (ceiling, health, service, &channels),
+            (verify, valid, service, &channels),
+        ];
+        if service.name == "redis" {
+            pair.push((
+                "VerifyKey VALID, redis store, batching off".to_owned(),
+                Arc::new(verify_call(unbatched_keys.clone(), &[pb::Decision::Valid])),
+                &unbatched,
+                &unbatched_channels,
+            ));
+        }
+        pair.retain(|(name, ..)| wanted(&args, name));
         let slices = args.slices.max(1);
         let slice = args.duration / slices;
         let mut merged: Vec<Option<Measured>> = pair.iter().map(|_| None).collect();
@@ -569,14 +613,14 @@ async fn main() {
             } else {
                 Duration::from_millis(300)
             };
-            for ((_, call), total) in pair.iter().zip(merged.iter_mut()) {
+            for ((_, call, on, channels), total) in pair.iter().zip(merged.iter_mut()) {
                 let call = Arc::clone(call);
                 let m = drive(
                     warmup,
                     slice,
                     args.concurrency,
-                    &channels,
-                    service,
+                    channels,
+                    on,
                     redis_url,
                     move |channel, n| call(channel, n),
                 )
@@ -587,7 +631,7 @@ async fn main() {
                 });
             }
         }
-        for ((name, _), m) in pair.into_iter().zip(merged) {
+        for ((name, ..), m) in pair.into_iter().zip(merged) {
             if let Some(m) = m {
                 report.add(name, args.concurrency, args.connections, m);
             }
@@ -667,6 +711,13 @@ async fn main() {
         "| VerifyKey on Redis / empty RPC | {} | ≥ 0.60x |",
         ratio(
             "VerifyKey VALID, redis store",
+            "empty RPC (health), redis server"
+        )
+    );
+    println!(
+        "| VerifyKey on Redis, batching off / empty RPC | {} | |",
+        ratio(
+            "VerifyKey VALID, redis store, batching off",
             "empty RPC (health), redis server"
         )
     );

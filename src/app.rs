@@ -436,6 +436,7 @@ pub async fn run(args: ServeArgs, tracing_exported: bool) -> Result<(), AppError
         urls: args.redis_url.clone(),
         cluster: args.redis_cluster,
         pool_size: usize::from(args.redis_pool_size),
+        batching: args.redis_batching,
         prefix: args.redis_prefix.clone(),
         timeout: args.redis_timeout,
     };

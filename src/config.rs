@@ -139,6 +139,12 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub redis_pool_size: u16,
 
+    /// Let the VerifyKey calls waiting on a hot lane at the same moment share one script call
+    /// (README, "Verification batching"); `false` sends every verification on its own.
+    #[arg(long, env = "SENDABLE_KEYS_REDIS_BATCHING", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub redis_batching: bool,
+
     /// Prefix of every Redis key name.
     #[arg(long, env = "SENDABLE_KEYS_REDIS_PREFIX", default_value = "sk")]
     pub redis_prefix: String,
@@ -222,6 +228,7 @@ impl std::fmt::Debug for ServeArgs {
             )
             .field("redis_cluster", &self.redis_cluster)
             .field("redis_pool_size", &self.redis_pool_size)
+            .field("redis_batching", &self.redis_batching)
             .field("redis_prefix", &self.redis_prefix)
             .field("redis_timeout", &self.redis_timeout)
             .field("pepper", &self.pepper.as_ref().map(|_| "<redacted>"))
@@ -276,5 +283,13 @@ mod tests {
     fn several_redis_urls_split_on_commas() {
         let cli = Cli::parse_from(["sendable-keys", "--redis-url", "redis://a:1,redis://b:2"]);
         assert_eq!(cli.serve.redis_url, ["redis://a:1", "redis://b:2"]);
+    }
+
+    #[test]
+    fn batching_is_on_unless_turned_off() {
+        assert!(Cli::parse_from(["sendable-keys"]).serve.redis_batching);
+        let off = Cli::parse_from(["sendable-keys", "--redis-batching", "false"]);
+        assert!(!off.serve.redis_batching);
+        assert!(Cli::try_parse_from(["sendable-keys", "--redis-batching", "maybe"]).is_err());
     }
 }

@@ -29,6 +29,7 @@ async fn verify_costs_one_round_trip_and_malformed_none() {
         urls: vec![redis.server.url()],
         cluster: false,
         pool_size: 2,
+        batching: true,
         prefix: prefix.clone(),
         timeout: std::time::Duration::from_secs(5),
     })
@@ -167,17 +168,17 @@ async fn verify_costs_one_round_trip_and_malformed_none() {
     assert!(day_bytes < 512, "a key-day costs {day_bytes} bytes");
 }
 
-/// Under concurrency, verifications share script calls: 400 calls in flight at once need far
-/// fewer than 400 EVALSHAs, and every answer is still its own (remaining counts down through
-/// every value exactly once, as with one call at a time).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_verifications_share_script_calls() {
+/// 400 verifications of one key in flight at once, on a Redis of their own, with batching on or
+/// off: every answer must be its own (remaining counts down through every value exactly once,
+/// as with one call at a time). Returns the script calls they took.
+async fn concurrent_script_calls(batching: bool) -> u64 {
     let redis = DedicatedRedis::start();
     let prefix = "sk".to_owned();
     let store = RedisStore::new(&RedisConfig {
         urls: vec![redis.server.url()],
         cluster: false,
         pool_size: 2,
+        batching,
         prefix: prefix.clone(),
         timeout: std::time::Duration::from_secs(5),
     })
@@ -191,7 +192,7 @@ async fn concurrent_verifications_share_script_calls() {
     let client = ::redis::Client::open(redis.server.url()).expect("url");
     let mut conn = client.get_connection().expect("connect");
     reset(&mut conn);
-    let n = 400;
+    let n = 400u32;
     let calls = (0..n).map(|_| {
         let mut c = c.clone();
         let secret = secret.clone();
@@ -209,14 +210,23 @@ async fn concurrent_verifications_share_script_calls() {
     // 1000/min and one call before: the answers are 998 down to 999 - n, each once.
     assert_eq!(remaining, ((999 - n)..=998).collect::<Vec<u32>>());
     let stats = commandstats(&mut conn);
-    let script_calls = stats.get("evalsha").copied().unwrap_or(0);
     assert_eq!(stats.get("hmget").copied(), Some(u64::from(n)), "{stats:?}");
-    assert!(
-        script_calls < u64::from(n) / 2,
-        "{n} concurrent verifications took {script_calls} script calls"
-    );
+    let script_calls = stats.get("evalsha").copied().unwrap_or(0);
     println!(
-        "{n} concurrent verifications: {script_calls} script calls ({:.1} verifications per call)",
+        "batching {batching}: {n} concurrent verifications took {script_calls} script calls ({:.1} per call)",
         f64::from(n) / script_calls as f64
     );
+    script_calls
+}
+
+/// With batching (the default), verifications in flight together share script calls; with
+/// `SENDABLE_KEYS_REDIS_BATCHING=false` each takes its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_verifications_share_script_calls_unless_batching_is_off() {
+    let batched = concurrent_script_calls(true).await;
+    assert!(
+        batched < 200,
+        "400 concurrent verifications took {batched} script calls"
+    );
+    assert_eq!(concurrent_script_calls(false).await, 400);
 }

@@ -112,6 +112,7 @@ async fn losing_redis_fails_closed_and_recovers() {
         urls: vec![redis.server.url()],
         cluster: false,
         pool_size: 2,
+        batching: true,
         prefix: prefix.clone(),
         timeout: std::time::Duration::from_millis(500),
     })

@@ -513,8 +513,10 @@ class StoreModes(unittest.TestCase):
         self.assertEqual(server(render({"redis": {"mode": "dev"}, "replicaCount": 3}))["spec"]["replicas"], 3)
 
     def test_redis_env(self):
-        docs = render(deep_merge(EXTERNAL, {"redis": {"cluster": True, "poolSize": 8,
+        self.assertEqual(env_value(render(EXTERNAL), "SENDABLE_KEYS_REDIS_BATCHING"), "true")
+        docs = render(deep_merge(EXTERNAL, {"redis": {"cluster": True, "poolSize": 8, "batching": False,
                                                       "prefix": "skprod", "timeout": "750ms"}}))
+        self.assertEqual(env_value(docs, "SENDABLE_KEYS_REDIS_BATCHING"), "false")
         self.assertEqual(env_value(docs, "SENDABLE_KEYS_REDIS_CLUSTER"), "true")
         self.assertEqual(env_value(docs, "SENDABLE_KEYS_REDIS_POOL_SIZE"), "8")
         self.assertEqual(env_value(docs, "SENDABLE_KEYS_REDIS_PREFIX"), "skprod")

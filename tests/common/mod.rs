@@ -67,6 +67,7 @@ pub fn redis_config(backend: Backend, prefix: &str) -> RedisConfig {
         urls,
         cluster: backend == Backend::Cluster,
         pool_size: 2,
+        batching: true,
         prefix: prefix.to_owned(),
         timeout: Duration::from_secs(5),
     }

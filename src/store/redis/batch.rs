@@ -76,13 +76,20 @@ pub(super) struct Batcher {
 impl Batcher {
     /// Sends `job`, alone or with others. When the lane is idle (nothing queued, nothing on
     /// the wire) there is nothing to batch with: the job goes out at once, from the caller's
-    /// own task, so a lightly loaded service pays nothing for batching. Otherwise it is queued;
-    /// if it is the first in the queue, a flush task is spawned that sends it and whatever
-    /// joins it.
-    pub async fn submit(self: &Arc<Self>, job: Job, conn: Conn, cluster: bool, timeout: Duration) {
+    /// own task, so a lightly loaded service pays nothing for batching; so does every job when
+    /// batching is off. Otherwise it is queued; if it is the first in the queue, a flush task
+    /// is spawned that sends it and whatever joins it.
+    pub async fn submit(
+        self: &Arc<Self>,
+        job: Job,
+        conn: Conn,
+        cluster: bool,
+        batching: bool,
+        timeout: Duration,
+    ) {
         let (direct, first) = {
             let mut queue = self.lock();
-            if queue.is_empty() && self.in_flight.load(Ordering::Acquire) == 0 {
+            if !batching || (queue.is_empty() && self.in_flight.load(Ordering::Acquire) == 0) {
                 (Some(job), false)
             } else {
                 queue.push(job);

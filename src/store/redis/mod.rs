@@ -58,6 +58,8 @@ pub struct RedisConfig {
     pub cluster: bool,
     /// Connections (lanes) kept open.
     pub pool_size: usize,
+    /// Concurrent verifications on a lane share script calls (`batch.rs`).
+    pub batching: bool,
     /// Key name prefix.
     pub prefix: String,
     /// Upper bound for any single operation, and for establishing a connection.
@@ -71,6 +73,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("urls", &format_args!("<{} redacted>", self.urls.len()))
             .field("cluster", &self.cluster)
             .field("pool_size", &self.pool_size)
+            .field("batching", &self.batching)
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
             .finish()
@@ -127,6 +130,7 @@ enum Path {
 pub struct RedisStore {
     pool: Pool,
     cluster: bool,
+    batching: bool,
     lanes: Box<[Mutex<Option<Conn>>]>,
     /// One verification batcher per lane (only the hot lanes' are used).
     batchers: Box<[Arc<batch::Batcher>]>,
@@ -194,6 +198,7 @@ impl RedisStore {
         Ok(RedisStore {
             pool,
             cluster,
+            batching: config.batching,
             lanes: (0..pool_size).map(|_| Mutex::new(None)).collect(),
             batchers: (0..pool_size).map(|_| Arc::default()).collect(),
             verify_latency: std::sync::OnceLock::new(),
@@ -842,7 +847,7 @@ impl KeyStore for RedisStore {
                 reset_lane: false,
             })?;
             self.batchers[index]
-                .submit(job, conn, self.cluster, self.timeout)
+                .submit(job, conn, self.cluster, self.batching, self.timeout)
                 .await;
             match answer.await {
                 Ok(answer) => answer,
@@ -1344,6 +1349,7 @@ mod tests {
             urls: vec!["redis://:hunter2@10.0.0.1:6379".into()],
             cluster: false,
             pool_size: 4,
+            batching: true,
             prefix: "sk".into(),
             timeout: Duration::from_secs(1),
         };
