@@ -1,5 +1,6 @@
 //! Verification batching on Redis (`src/store/redis/batch.rs`): concurrent VerifyKey calls
-//! share script calls, and sharing one never lets one call's failure reach another's answer.
+//! share script calls, a batch spanning shards is split where a cluster requires it, and
+//! sharing one never lets one call's failure reach another's answer.
 //! Exactness under concurrency (1000 parallel calls on a 60/min key) is in `key_service.rs`;
 //! script calls per call on an otherwise idle Redis are in `redis_costs.rs`.
 
@@ -84,7 +85,61 @@ async fn a_corrupt_record_fails_only_its_own_verifications(backend: Backend) {
     assert_eq!((status.used, status.remaining), (210, 1000 - 210));
 }
 
+/// Verifications of keys in many sessions (so, in a cluster, many shards and nodes) in flight
+/// together: a batch must be split wherever a script call could not span it, and every call
+/// must get its own key's answer. Each key is verified 20 times; its answers must be exactly
+/// 999 down to 980 remaining.
+async fn verifications_across_sessions_in_flight_together_all_answer(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut c = server.keys();
+    let mut keys = Vec::new();
+    for s in 0..8 {
+        let id = unique_session(&format!("spread{s}"));
+        create_session(&mut c, &id, pb::Plan::Pro, pb::Environment::Live).await;
+        for _ in 0..2 {
+            keys.push(create_key(&mut c, &id).await);
+        }
+    }
+    let calls = (0..keys.len() * 20).map(|i| {
+        let mut c = c.clone();
+        let (key, secret) = keys[i % keys.len()].clone();
+        async move {
+            let answer = common::verify(&mut c, &secret).await;
+            (key.key_id, answer)
+        }
+    });
+    let mut remaining: std::collections::HashMap<String, Vec<u32>> = Default::default();
+    for (key_id, answer) in join_all(calls).await {
+        assert_eq!(decision(&answer), pb::Decision::Valid, "{key_id}");
+        let r = answer.rate_limit.expect("rate limit").remaining;
+        remaining.entry(key_id).or_default().push(r);
+    }
+    assert_eq!(remaining.len(), keys.len());
+    for (key_id, mut values) in remaining {
+        values.sort_unstable();
+        assert_eq!(values, (980..=999).collect::<Vec<u32>>(), "{key_id}");
+    }
+}
+
+mod memory {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn verifications_across_sessions_in_flight_together_all_answer() {
+        super::verifications_across_sessions_in_flight_together_all_answer(
+            crate::common::Backend::Memory,
+        )
+        .await;
+    }
+}
+
 mod redis {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn verifications_across_sessions_in_flight_together_all_answer() {
+        super::verifications_across_sessions_in_flight_together_all_answer(
+            crate::common::Backend::Redis,
+        )
+        .await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_corrupt_record_fails_only_its_own_verifications() {
         super::a_corrupt_record_fails_only_its_own_verifications(crate::common::Backend::Redis)
@@ -93,6 +148,14 @@ mod redis {
 }
 
 mod cluster {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn verifications_across_sessions_in_flight_together_all_answer() {
+        super::verifications_across_sessions_in_flight_together_all_answer(
+            crate::common::Backend::Cluster,
+        )
+        .await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_corrupt_record_fails_only_its_own_verifications() {
         super::a_corrupt_record_fails_only_its_own_verifications(crate::common::Backend::Cluster)
