@@ -12,6 +12,9 @@
 //! recycle check (the PING) weeds out dead ones. Net effect: one round trip per operation, the
 //! pool still owns the connections' life cycle.
 //!
+//! VerifyKey goes through the lane's batcher (`batch.rs`): calls waiting at the same moment
+//! share one script call.
+//!
 //! Every operation is bounded by `timeout`; a timeout, refused or dropped connection, or a
 //! cluster in reconfiguration is a *transient* [`StoreError`] (UNAVAILABLE to callers).
 
@@ -490,10 +493,10 @@ fn parse_record(id: KeyId, fields: &[Option<String>]) -> StoreResult<Option<KeyR
     }))
 }
 
-/// Runs an EVALSHA command (built as one command: its arguments go into one buffer instead
-/// of a vector per argument, `redis::Script`'s invocation, which the VerifyKey profile showed as
-/// allocation and copying on every call); if the server does not know the script (a restart, a failover,
-/// SCRIPT FLUSH), loads it and tries once more.
+/// Runs an EVALSHA command; if the server does not know the script (a restart, a failover,
+/// SCRIPT FLUSH), loads it and tries once more. Commands are built with `redis::cmd`, one
+/// buffer for all arguments, not through `redis::Script`'s invocation (a vector per argument),
+/// which the VerifyKey profile showed as allocation and copying on every call.
 async fn eval<T: redis::FromRedisValue>(
     conn: &mut Conn,
     script: &redis::Script,
