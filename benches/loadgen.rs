@@ -12,7 +12,8 @@
 //! of this machine under this load generator. The machines are shared and noisy, so absolute
 //! numbers move between runs; the ratios much less.
 //!
-//! The empty RPC and VerifyKey VALID of each server are measured in alternating slices
+//! The empty RPC and VerifyKey VALID of each server (and, on Redis, VerifyKey VALID with
+//! batching off) are measured in alternating slices
 //! (`--slices`, default 5 of each), so the noise of a shared machine falls on both sides of
 //! their ratio.
 //!
@@ -530,7 +531,7 @@ async fn main() {
     println!();
     println!(
         "machine: {cores} cores shared by the load generator, the service and Redis; redis-server {version}; \
-         {} per scenario after {} warm-up (empty RPC and VerifyKey VALID alternating in {} slices each); {} keys",
+         {} per scenario after {} warm-up (empty RPC, VerifyKey VALID and VerifyKey VALID with batching off alternating in {} slices each); {} keys",
         humantime(args.duration),
         humantime(args.warmup),
         args.slices,
