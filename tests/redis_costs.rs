@@ -19,22 +19,29 @@ fn reset(conn: &mut ::redis::Connection) {
         .expect("resetstat");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_costs_one_round_trip_and_malformed_none() {
+/// A server on a Redis of its own (so `INFO commandstats` counts only its calls), with the
+/// production prefix; returns the Redis (kept alive by the caller), the server and the prefix.
+async fn server_on_own_redis(batching: bool) -> (DedicatedRedis, TestServer, String) {
     let redis = DedicatedRedis::start();
-    // This Redis is ours alone, so the production prefix and a realistic session id give the
-    // sizes a deployment sees.
     let prefix = "sk".to_owned();
     let store = RedisStore::new(&RedisConfig {
         urls: vec![redis.server.url()],
         cluster: false,
         pool_size: 2,
-        batching: true,
+        batching,
         prefix: prefix.clone(),
         timeout: std::time::Duration::from_secs(5),
     })
     .expect("store");
     let server = TestServer::start_on_store(Arc::new(store), Backend::Redis, &prefix).await;
+    (redis, server, prefix)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_costs_one_round_trip_and_malformed_none() {
+    // This Redis is ours alone, so the production prefix and a realistic session id give the
+    // sizes a deployment sees.
+    let (redis, server, prefix) = server_on_own_redis(true).await;
     let mut c = server.keys();
     let id = "acme-prod-eu".to_owned();
     create_session(&mut c, &id, pb::Plan::Free, pb::Environment::Live).await;
@@ -172,18 +179,7 @@ async fn verify_costs_one_round_trip_and_malformed_none() {
 /// off: every answer must be its own (remaining counts down through every value exactly once,
 /// as with one call at a time). Returns the script calls they took.
 async fn concurrent_script_calls(batching: bool) -> u64 {
-    let redis = DedicatedRedis::start();
-    let prefix = "sk".to_owned();
-    let store = RedisStore::new(&RedisConfig {
-        urls: vec![redis.server.url()],
-        cluster: false,
-        pool_size: 2,
-        batching,
-        prefix: prefix.clone(),
-        timeout: std::time::Duration::from_secs(5),
-    })
-    .expect("store");
-    let server = TestServer::start_on_store(Arc::new(store), Backend::Redis, &prefix).await;
+    let (redis, server, _) = server_on_own_redis(batching).await;
     let mut c = server.keys();
     create_session(&mut c, "acme-batch", pb::Plan::Pro, pb::Environment::Live).await;
     let (_, secret) = create_key(&mut c, "acme-batch").await;
