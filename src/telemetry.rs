@@ -4,7 +4,8 @@
 //! - Traces: when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set, spans are
 //!   exported over OTLP/gRPC, and the request layer continues a W3C `traceparent` from the
 //!   incoming metadata. `OTEL_SERVICE_NAME` names the service (default `sendable-keys`).
-//! - Metrics: a Prometheus recorder, rendered by the admin listener's `/metrics`. Labels are
+//! - Metrics: a Prometheus recorder, rendered by the admin listener's `/metrics`, with a
+//!   thread that folds histogram samples into buckets every second. Labels are
 //!   low-cardinality by construction: method, code, decision, caller name, store operation;
 //!   never a key, key id or session id.
 //!
@@ -13,6 +14,7 @@
 
 use std::io::IsTerminal;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use opentelemetry::trace::TracerProvider as _;
@@ -30,16 +32,38 @@ const LATENCY_BUCKETS: [f64; 16] = [
     1.0, 2.5, 5.0,
 ];
 
-/// Installs the process-wide Prometheus recorder (once; later calls return the same handle).
+/// How often the recorder's histogram samples are folded into their buckets.
+pub const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Installs the process-wide Prometheus recorder (once; later calls return the same handle),
+/// with its upkeep thread.
+///
+/// Why the thread: the recorder keeps every histogram sample (two per request: the request's
+/// duration and the store call's) in a lock-free list until upkeep folds them into the
+/// buckets. `install_recorder` does not schedule upkeep, and a scrape of `/metrics` is the
+/// only other thing that runs it, so a service nobody scrapes grew by ~20 bytes per request
+/// without bound (measured: +2 MB/s at 98k VerifyKey/s). A plain thread, not a tokio task, so
+/// it runs whatever the runtime is busy with and needs no runtime to be started.
 pub fn metrics() -> Result<PrometheusHandle, String> {
     static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            PrometheusBuilder::new()
+            let handle = PrometheusBuilder::new()
                 .set_buckets(&LATENCY_BUCKETS)
                 .map_err(|e| e.to_string())?
                 .install_recorder()
-                .map_err(|e| format!("cannot install the metrics recorder: {e}"))
+                .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(METRICS_UPKEEP_INTERVAL);
+                        upkeep.run_upkeep();
+                    }
+                })
+                .map_err(|e| format!("cannot start the metrics upkeep thread: {e}"))?;
+            Ok(handle)
         })
         .clone()
 }
