@@ -37,6 +37,12 @@ pub const HEALTH_SERVICES: [&str; 2] = [
 /// Health service name for liveness probes: SERVING for as long as the process runs.
 pub const LIVENESS_SERVICE: &str = "liveness";
 
+/// How long open admin HTTP connections may finish after the gRPC server has stopped.
+const ADMIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a TLS handshake on the gRPC port may take.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How the gRPC server behaves (the parts of config that are not the store).
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -52,6 +58,12 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// Mirrors the health status for the admin listener's /readyz.
     pub readiness: Readiness,
+    /// HTTP/2 ping interval (and TCP keepalive idle time) on gRPC connections.
+    pub keepalive_interval: Duration,
+    /// An unanswered ping closes the connection after this long.
+    pub keepalive_timeout: Duration,
+    /// Most calls in flight on one connection.
+    pub max_concurrent_streams: u32,
 }
 
 impl Default for ServeOptions {
@@ -64,6 +76,9 @@ impl Default for ServeOptions {
             tls: None,
             drain_timeout: Duration::from_secs(20),
             readiness: Readiness::default(),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            max_concurrent_streams: 1000,
         }
     }
 }
@@ -182,13 +197,25 @@ pub async fn serve<S: Store>(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, tls = options.tls.is_some(), "gRPC listening");
     }
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // TCP keepalive as well as HTTP/2 pings: a TLS handshake or an HTTP/2 preface that
+    // never comes has no HTTP/2 connection to ping yet.
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(options.keepalive_interval));
     let shutdown = async move {
         shutdown.await;
         tracing::info!("draining: health NOT_SERVING, no new calls, in-flight calls finishing");
         let _ = stop_tx.send(true);
     };
-    let mut builder = tonic::transport::Server::builder();
+    // Without pings, a connection whose peer vanished without a FIN or RST (a crashed node,
+    // a load balancer that dropped an idle flow) stays open for ever, and so do its
+    // WatchAlerts streams, each polling the store. tonic leaves HTTP/2 concurrency and
+    // hyper's guard against a flood of stream errors unlimited unless they are set.
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(options.keepalive_interval))
+        .http2_keepalive_timeout(Some(options.keepalive_timeout))
+        .max_concurrent_streams(options.max_concurrent_streams)
+        .http2_max_local_error_reset_streams(Some(1024));
     if let Some(tls) = options.tls {
         builder = builder.tls_config(tls)?;
     }
@@ -234,10 +261,13 @@ fn load_tls(args: &ServeArgs) -> Result<Option<ServerTlsConfig>, AppError> {
             ))
         })
     };
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
-        read(cert, "certificate")?,
-        read(key, "key")?,
-    ));
+    // A peer that opens a connection and never finishes the handshake is dropped.
+    let mut tls = ServerTlsConfig::new()
+        .timeout(TLS_HANDSHAKE_TIMEOUT)
+        .identity(Identity::from_pem(
+            read(cert, "certificate")?,
+            read(key, "key")?,
+        ));
     if let Some(ca) = &args.tls_client_ca {
         tls = tls.client_ca_root(Certificate::from_pem(read(ca, "client CA")?));
     }
@@ -387,11 +417,23 @@ async fn run_with<S: Store>(
         tls,
         drain_timeout: args.drain_timeout,
         readiness,
+        keepalive_interval: args.keepalive_interval,
+        keepalive_timeout: args.keepalive_timeout,
+        max_concurrent_streams: args.max_concurrent_streams,
     };
     let result = serve(keys, listener, options, shutdown_signal()).await;
     // The admin listener outlives the drain, so probes read NOT_SERVING until the end.
     let _ = admin_stop.send(());
-    let _ = admin.await;
+    // axum's graceful shutdown waits for responses in progress; a scraper that stopped
+    // reading one would keep the process alive until SIGKILL. The drain is over by now.
+    let mut admin = admin;
+    if tokio::time::timeout(ADMIN_SHUTDOWN_GRACE, &mut admin)
+        .await
+        .is_err()
+    {
+        tracing::warn!("admin HTTP connections still open after shutdown; closing them");
+        admin.abort();
+    }
     result?;
     tracing::info!("stopped");
     Ok(())

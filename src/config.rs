@@ -86,8 +86,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "h" => n.checked_mul(3_600_000),
         _ => return Err(format!("{text:?} has an unknown unit; use ms, s, m or h")),
     };
-    ms.map(Duration::from_millis)
-        .ok_or_else(|| format!("{text:?} is too long"))
+    match ms {
+        None => Err(format!("{text:?} is too long")),
+        // Every duration here is a timeout or an interval: zero would time out every Redis
+        // call, or make a ticker panic (health, alerts), never mean "off".
+        Some(0) => Err(format!("{text:?} must be longer than zero")),
+        Some(ms) => Ok(Duration::from_millis(ms)),
+    }
 }
 
 #[derive(Args, Clone)]
@@ -123,6 +128,21 @@ pub struct ServeArgs {
     /// After SIGTERM, how long in-flight calls may take before connections are closed.
     #[arg(long, env = "SENDABLE_KEYS_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+
+    /// HTTP/2 keepalive: how often the server pings each gRPC connection (and the TCP
+    /// keepalive idle time). A peer that vanished without closing (a crashed node, a load
+    /// balancer that dropped the flow) is found and its calls and streams end.
+    #[arg(long, env = "SENDABLE_KEYS_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "SENDABLE_KEYS_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub keepalive_timeout: Duration,
+
+    /// Most calls in flight on one HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "SENDABLE_KEYS_MAX_CONCURRENT_STREAMS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_concurrent_streams: u32,
 
     /// Redis: one redis:// or rediss:// URL for a standalone server, or several
     /// (comma-separated) seed nodes of a Redis Cluster. Unset: the in-memory store.
@@ -222,6 +242,9 @@ impl std::fmt::Debug for ServeArgs {
             .field("tls_key", &self.tls_key)
             .field("tls_client_ca", &self.tls_client_ca)
             .field("drain_timeout", &self.drain_timeout)
+            .field("keepalive_interval", &self.keepalive_interval)
+            .field("keepalive_timeout", &self.keepalive_timeout)
+            .field("max_concurrent_streams", &self.max_concurrent_streams)
             .field(
                 "redis_url",
                 &format_args!("<{} url(s) redacted>", self.redis_url.len()),
@@ -266,6 +289,31 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         for bad in ["", "5", "s", "5d", "-1s", "99999999999999999999h"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+        for zero in ["0s", "0ms", "000m"] {
+            let err = parse_duration(zero).expect_err(zero);
+            assert!(err.contains("longer than zero"), "{err}");
+        }
+    }
+
+    #[test]
+    fn connection_limits_have_safe_defaults_and_bounds() {
+        let args = ServeArgs::defaults();
+        assert_eq!(args.keepalive_interval, Duration::from_secs(30));
+        assert_eq!(args.keepalive_timeout, Duration::from_secs(10));
+        assert_eq!(args.max_concurrent_streams, 1000);
+        let parse = |flag: &str, value: &str| {
+            Cli::try_parse_from(["sendable-keys", flag, value]).map(|cli| cli.serve)
+        };
+        let args = parse("--keepalive-interval", "5s").expect("valid");
+        assert_eq!(args.keepalive_interval, Duration::from_secs(5));
+        for (flag, bad) in [
+            ("--keepalive-interval", "0s"),
+            ("--keepalive-timeout", "0ms"),
+            ("--max-concurrent-streams", "0"),
+            ("--max-concurrent-streams", "100001"),
+        ] {
+            assert!(parse(flag, bad).is_err(), "{flag} {bad}");
         }
     }
 

@@ -368,7 +368,13 @@ impl<S: Store> UsageServiceApi for UsageGrpc<S> {
                         alert: Some(alert),
                         state: state as i32,
                     };
-                    if tx.send(Ok(event)).await.is_err() {
+                    // A client that stopped reading blocks this send once the stream's
+                    // buffers fill; shutdown must still end the stream, not wait for it.
+                    let sent = tokio::select! {
+                        sent = tx.send(Ok(event)) => sent.is_ok(),
+                        _ = shutdown.changed() => false,
+                    };
+                    if !sent {
                         break 'watch;
                     }
                 }
