@@ -8,6 +8,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::process::{Process, http_get};
+use common::relay::Relay;
 
 use sendable_keys::cli::token_sha256;
 use sendable_keys::grpc::pb;
@@ -323,64 +324,13 @@ async fn a_watch_stream_ends_on_the_server_when_its_client_goes_away() {
     }
 }
 
-/// A TCP relay that can go silent: once frozen it keeps both sockets open but moves no more
-/// bytes, like a peer that vanished behind a load balancer that never sends a FIN or an RST.
-mod relay {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-    use tokio::net::{TcpListener, TcpStream};
-
-    pub struct Relay {
-        pub addr: String,
-        pub frozen: Arc<AtomicBool>,
-    }
-
-    pub async fn to(target: &str) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
-        let frozen = Arc::new(AtomicBool::new(false));
-        let target = target.to_owned();
-        let flag = Arc::clone(&frozen);
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let server = TcpStream::connect(&target).await.expect("server");
-                let (client_read, client_write) = client.into_split();
-                let (server_read, server_write) = server.into_split();
-                tokio::spawn(pipe(client_read, server_write, Arc::clone(&flag)));
-                tokio::spawn(pipe(server_read, client_write, Arc::clone(&flag)));
-            }
-        });
-        Relay { addr, frozen }
-    }
-
-    async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, frozen: Arc<AtomicBool>) {
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            let n = match from.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            if frozen.load(Ordering::SeqCst) {
-                // Hold both sockets open and answer nothing, for as long as the test runs.
-                std::future::pending::<()>().await;
-            }
-            if to.write_all(&buf[..n]).await.is_err() {
-                return;
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_whose_peer_went_silent_is_closed_and_its_streams_end() {
     let process = start(&[
         ("SENDABLE_KEYS_KEEPALIVE_INTERVAL", "200ms"),
         ("SENDABLE_KEYS_KEEPALIVE_TIMEOUT", "200ms"),
     ]);
-    let relay = relay::to(&process.grpc).await;
+    let relay = Relay::to(&process.grpc).await;
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", relay.addr))
         .expect("uri")
         .connect()
@@ -418,9 +368,7 @@ async fn a_connection_whose_peer_went_silent_is_closed_and_its_streams_end() {
     }
     // Pings went back and forth through the relay so far; now the peer goes silent, without
     // closing anything (the client keeps its stream and channel).
-    relay
-        .frozen
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    relay.freeze_existing();
     let deadline = Instant::now() + Duration::from_secs(10);
     while watchers(&process.admin) > 0.0 {
         assert!(

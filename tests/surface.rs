@@ -6,6 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use common::redis::DedicatedRedis;
+use common::relay::Relay;
 use common::{
     Backend, TestServer, create_key, create_session, decision, reason, unique_prefix,
     unique_session, verify,
@@ -161,6 +162,93 @@ async fn losing_redis_fails_closed_and_recovers() {
         decision(&verify(&mut c, &secret).await),
         pb::Decision::Valid
     );
+}
+
+/// The Redis connections go silent without closing (a failover whose old sockets never get
+/// an RST, a dropped flow): calls time out for a moment, then the service replaces its
+/// connections by itself, instead of failing until the kernel gives up on the sockets (~15
+/// minutes). Standalone only: a cluster client follows the nodes' own addresses, which a
+/// relay cannot stand in for (and redis-rs's cluster client reconnects on its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_connections_that_went_silent_are_replaced() {
+    let redis = DedicatedRedis::start();
+    let target = redis
+        .server
+        .url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    let relay = Relay::to(&target).await;
+    let prefix = unique_prefix();
+    let store = RedisStore::new(&RedisConfig {
+        urls: vec![format!("redis://{}", relay.addr)],
+        cluster: false,
+        pool_size: 2,
+        batching: true,
+        prefix: prefix.clone(),
+        timeout: std::time::Duration::from_millis(300),
+    })
+    .expect("store");
+    let server = TestServer::start_on_store(Arc::new(store), Backend::Redis, &prefix).await;
+    let mut c = server.keys();
+    let id = unique_session("silent");
+    create_session(&mut c, &id, pb::Plan::Pro, pb::Environment::Live).await;
+    let (_, secret) = create_key(&mut c, &id).await;
+    assert_eq!(
+        decision(&verify(&mut c, &secret).await),
+        pb::Decision::Valid
+    );
+    let before = relay.accepted();
+
+    relay.freeze_existing();
+    // Each call now either times out (UNAVAILABLE, never a guess) or runs on a new
+    // connection; the service must get there by itself, within a few calls.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut timed_out = 0;
+    loop {
+        let answer = c
+            .verify_key(pb::VerifyKeyRequest {
+                key: secret.clone(),
+                expected_environment: 0,
+                cost: 0,
+            })
+            .await;
+        match answer {
+            Ok(response) => {
+                assert_eq!(decision(&response.into_inner()), pb::Decision::Valid);
+                break;
+            }
+            Err(err) => {
+                assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+                timed_out += 1;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "VerifyKey still failing after {timed_out} calls on a silent connection"
+        );
+    }
+    assert!(timed_out >= 1, "the silenced connection was the one in use");
+    assert!(relay.accepted() > before, "a new connection was opened");
+    // Management calls (on their own connection) recover the same way.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let created = c
+            .create_key(pb::CreateKeyRequest {
+                session_id: id.clone(),
+                ..Default::default()
+            })
+            .await;
+        match created {
+            Ok(_) => break,
+            Err(err) => assert_eq!(err.code(), Code::Unavailable, "{err:?}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "CreateKey still failing on a silent connection"
+        );
+    }
+    server.wait_health("", ServingStatus::Serving).await;
 }
 
 /// Redis forgets its scripts (a restart, a failover to a replica that never loaded them,

@@ -8,6 +8,7 @@
 
 pub mod process;
 pub mod redis;
+pub mod relay;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -30,7 +30,7 @@ use std::time::Duration;
 use redis::Cmd;
 use tokio::sync::oneshot;
 
-use super::{Conn, StoreError, eval, scripts, store_error};
+use super::{Conn, StoreError, eval, gives_up_connection, scripts, store_error};
 use crate::domain::Millis;
 
 /// Most verifications in one script call: bounds the time Redis spends in one script (a batch
@@ -203,9 +203,7 @@ async fn call(
         Some(Err(err)) => {
             let failure = Failure {
                 error: store_error(&err),
-                reset_lane: err.is_io_error()
-                    || err.is_connection_dropped()
-                    || err.is_unrecoverable_error(),
+                reset_lane: gives_up_connection(&err),
             };
             for job in jobs {
                 let _ = job.reply.send(Err(failure.clone()));

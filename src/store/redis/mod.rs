@@ -7,9 +7,9 @@
 //! would double the cost of VerifyKey. redis-rs connections are multiplexed (many requests in
 //! flight on one socket, answers matched in order) and cheap to clone, so instead of checking a
 //! connection out per call we keep `pool_size` *lanes*, each holding a clone of a connection the
-//! pool created, and spread calls over them round-robin. A lane whose connection fails with an
-//! I/O error is emptied, and the next call on it takes a fresh connection from the pool, whose
-//! recycle check (the PING) weeds out dead ones. Net effect: one round trip per operation, the
+//! pool created, and spread calls over them round-robin. A lane whose connection fails (an
+//! I/O error, a timeout, READONLY: see `gives_up_connection`) is emptied, and the next call on
+//! it takes a connection from the pool, whose recycle check (the PING) weeds out dead ones. Net effect: one round trip per operation, the
 //! pool still owns the connections' life cycle.
 //!
 //! VerifyKey goes through the lane's batcher (`batch.rs`): calls waiting at the same moment
@@ -371,19 +371,36 @@ impl RedisStore {
         let result = match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {
-                if err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error()
-                {
-                    // Drop our clone; the next call on this lane asks the pool, which
-                    // re-checks or replaces the connection.
+                if gives_up_connection(&err) {
                     *self.lane(index) = None;
                 }
                 Err(store_error(&err))
             }
-            Err(_) => Err(self.timed_out()),
+            Err(_) => {
+                *self.lane(index) = None;
+                Err(self.timed_out())
+            }
         };
         Self::observe(name, started, &result);
         result
     }
+}
+
+/// Whether a lane should let go of its connection after `err`: the next call on the lane then
+/// asks the pool, whose recycle check (a PING, bounded by the timeout) keeps a healthy
+/// connection and replaces a dead one.
+///
+/// Not only errors that say the socket is gone: a timeout may be a socket that went silent
+/// without closing (a failover whose RST never arrived, a dropped flow), where the kernel
+/// would take ~15 minutes to give up; and READONLY means the node behind the address became a
+/// replica, where a new connection reaches whatever the address now resolves to. A healthy
+/// but slow connection loses little: the pool hands it back after its PING.
+fn gives_up_connection(err: &RedisError) -> bool {
+    err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_unrecoverable_error()
+        || err.is_timeout()
+        || err.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
 }
 
 /// A pool failure as a redis error, so one mapping decides what is transient.
@@ -857,7 +874,7 @@ impl KeyStore for RedisStore {
                 // The batch timed out (its senders dropped) a moment before our own clock.
                 Err(_) => Err(batch::Failure {
                     error: self.timed_out(),
-                    reset_lane: false,
+                    reset_lane: true,
                 }),
             }
         };
@@ -869,7 +886,11 @@ impl KeyStore for RedisStore {
                 }
                 Err(failure.error)
             }
-            Err(_) => Err(self.timed_out()),
+            // A silent connection, maybe: see `gives_up_connection`.
+            Err(_) => {
+                *self.lane(index) = None;
+                Err(self.timed_out())
+            }
         };
         self.observe_verify(started, &result);
         result
