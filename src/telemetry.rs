@@ -14,7 +14,8 @@
 
 use std::io::IsTerminal;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use opentelemetry::trace::TracerProvider as _;
@@ -66,6 +67,56 @@ pub fn metrics() -> Result<PrometheusHandle, String> {
             Ok(handle)
         })
         .clone()
+}
+
+/// Bounds how often a log line is written that every failing request would otherwise write.
+///
+/// During a Redis outage every VerifyKey fails, and a scanner without a token is refused as
+/// fast as it can send: one line per request would be tens of MB of logs per second, with the
+/// workers contending for stdout. A throttled site writes at most `per_second` lines in each
+/// second and counts the rest; the next line written carries that count (`suppressed`). The
+/// metrics count every request regardless.
+pub struct Throttle {
+    per_second: u64,
+    /// The second (since the process's first throttled line) the count belongs to.
+    second: AtomicU64,
+    written: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl Throttle {
+    pub const fn new(per_second: u64) -> Self {
+        Throttle {
+            per_second,
+            second: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines suppressed since the last one written)` if this line may be written now.
+    pub fn admit(&self) -> Option<u64> {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        self.admit_at(EPOCH.get_or_init(Instant::now).elapsed().as_secs())
+    }
+
+    fn admit_at(&self, second: u64) -> Option<u64> {
+        let current = self.second.load(Ordering::Relaxed);
+        if second > current
+            && self
+                .second
+                .compare_exchange(current, second, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.written.store(0, Ordering::Relaxed);
+        }
+        if self.written.fetch_add(1, Ordering::Relaxed) < self.per_second {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
 }
 
 /// Whether the environment asks for OTLP trace export.
@@ -151,4 +202,38 @@ pub fn init(format: LogFormat, filter: &str) -> Result<TelemetryGuard, String> {
     };
     result.map_err(|e| format!("could not install the log subscriber: {e}"))?;
     Ok(TelemetryGuard { provider })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Throttle;
+
+    #[test]
+    fn a_throttled_line_is_written_a_few_times_a_second_and_reports_what_it_skipped() {
+        let throttle = Throttle::new(3);
+        let first: Vec<Option<u64>> = (0..10).map(|_| throttle.admit_at(5)).collect();
+        assert_eq!(
+            first,
+            [
+                Some(0),
+                Some(0),
+                Some(0),
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None
+            ]
+        );
+        // The next second: the first line tells how many were skipped, then counting restarts.
+        assert_eq!(throttle.admit_at(6), Some(7));
+        assert_eq!(throttle.admit_at(6), Some(0));
+        assert_eq!(throttle.admit_at(6), Some(0));
+        assert_eq!(throttle.admit_at(6), None);
+        // A late caller with an older second does not reopen the window.
+        assert_eq!(throttle.admit_at(5), None);
+        assert_eq!(throttle.admit_at(9), Some(2));
+    }
 }

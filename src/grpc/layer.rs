@@ -23,6 +23,7 @@ use tracing::Instrument;
 use super::status::access_denied;
 use crate::auth::{self, Credentials};
 use crate::domain::Actor;
+use crate::telemetry::Throttle;
 
 /// Every method this server knows, by path, with its metrics label. Unknown paths share the
 /// label `other`, so a scanner probing random paths cannot blow up the label set.
@@ -289,7 +290,11 @@ where
             Err((status, caller)) => {
                 let code = code_name(status.code());
                 let caller = caller.unwrap_or_else(|| "unauthenticated".to_owned());
-                tracing::warn!(method, code, %caller, peer = ?peer_of(&request), "request refused: {}", status.message());
+                // A client without a token can send these as fast as it likes.
+                static LOG: Throttle = Throttle::new(10);
+                if let Some(suppressed) = LOG.admit() {
+                    tracing::warn!(method, code, %caller, peer = ?peer_of(&request), suppressed, "request refused: {}", status.message());
+                }
                 record(method, code, caller, started);
                 return Box::pin(std::future::ready(Ok(status.into_http())));
             }

@@ -1,7 +1,7 @@
 //! The single mapping from service errors to `google.rpc.Status`: a gRPC code, a readable
 //! message, an `ErrorInfo` (UPPER_SNAKE reason, domain `keys.sendable`, metadata) and, for bad
-//! input, a `BadRequest` listing every invalid field. Store failures are logged here with their
-//! detail and returned without it: callers learn *that* the store failed and whether to retry,
+//! input, a `BadRequest` listing every invalid field. Store failures are logged here (at most
+//! a few lines a second) with their detail and returned without it: callers learn *that* the store failed and whether to retry,
 //! not its addresses or internals.
 
 use std::collections::HashMap;
@@ -11,6 +11,11 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::domain::DomainError;
 use crate::service::Error;
+use crate::telemetry::Throttle;
+
+/// Store failures logged per second and kind; the rest are counted into the next line
+/// (every request is in the metrics regardless).
+const LINES_PER_SECOND: u64 = 10;
 
 /// The `ErrorInfo.domain` of every error this service returns.
 pub const ERROR_DOMAIN: &str = "keys.sendable";
@@ -19,7 +24,10 @@ pub fn to_status(err: &Error) -> Status {
     let (code, message, details) = match err {
         Error::Domain(domain) => domain_status(domain),
         Error::Store(store) if store.transient => {
-            tracing::warn!(error = %store.message, "store unavailable");
+            static LOG: Throttle = Throttle::new(LINES_PER_SECOND);
+            if let Some(suppressed) = LOG.admit() {
+                tracing::warn!(error = %store.message, suppressed, "store unavailable");
+            }
             (
                 Code::Unavailable,
                 "the key store is unavailable; retry with backoff".to_owned(),
@@ -27,7 +35,10 @@ pub fn to_status(err: &Error) -> Status {
             )
         }
         Error::Store(store) => {
-            tracing::error!(error = %store.message, "store failure");
+            static LOG: Throttle = Throttle::new(LINES_PER_SECOND);
+            if let Some(suppressed) = LOG.admit() {
+                tracing::error!(error = %store.message, suppressed, "store failure");
+            }
             (
                 Code::Internal,
                 "internal error".to_owned(),
