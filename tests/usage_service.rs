@@ -172,6 +172,66 @@ async fn outcomes_give_exact_averages_percentiles_and_rates(backend: Backend) {
     assert_eq!(t.error_breakdown.len(), 3);
 }
 
+/// A caller that puts ever-new values in its error codes (request ids, say) cannot grow a
+/// key's usage without bound: a day keeps 100 distinct codes and counts failures with codes
+/// first seen after that as OTHER, however frequent they become; an answer over several days
+/// names the 100 most frequent. Counts always add up to the failures.
+async fn error_codes_per_key_and_day_are_bounded(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut c = server.keys();
+    let id = unique_session("codes");
+    create_session(&mut c, &id, pb::Plan::Pro, pb::Environment::Live).await;
+    let (key, _) = create_key(&mut c, &id).await;
+    let k = key.key_id.as_str();
+    let record = |batch: Vec<pb::Outcome>| {
+        let mut usage = server.usage();
+        async move {
+            usage
+                .record_outcomes(pb::RecordOutcomesRequest { outcomes: batch })
+                .await
+                .expect("record")
+                .into_inner()
+                .accepted
+        }
+    };
+    let mut batch: Vec<pb::Outcome> = (0..150)
+        .map(|i| outcome(k, false, &format!("E{i:03}"), 1_000, None))
+        .collect();
+    batch.extend((0..50).map(|_| outcome(k, false, "E149", 1_000, None)));
+    assert_eq!(record(batch).await, 200);
+    let t = key_usage(&server, k, DAY, DAY).await.total.expect("totals");
+    assert_eq!(t.errors, 200);
+    assert_eq!(t.error_breakdown.len(), 101);
+    assert_eq!(t.error_breakdown.get("E000"), Some(&1));
+    assert_eq!(t.error_breakdown.get("E099"), Some(&1));
+    assert_eq!(t.error_breakdown.get("E100"), None);
+    assert_eq!(
+        t.error_breakdown.get("E149"),
+        None,
+        "first seen past the cap"
+    );
+    assert_eq!(t.error_breakdown.get("OTHER"), Some(&100));
+    assert_eq!(t.error_breakdown.values().sum::<u64>(), 200);
+
+    // The next day, 100 new codes twice each: over both days the 100 most frequent are named.
+    server.clock.set(MIDNIGHT + MINUTE);
+    let batch: Vec<pb::Outcome> = (0..200)
+        .map(|i| outcome(k, false, &format!("N{:03}", i % 100), 1_000, None))
+        .collect();
+    assert_eq!(record(batch).await, 200);
+    let t = key_usage(&server, k, DAY, "2026-03-03")
+        .await
+        .total
+        .expect("totals");
+    assert_eq!(t.errors, 400);
+    assert_eq!(t.error_breakdown.len(), 101);
+    assert_eq!(t.error_breakdown.get("N000"), Some(&2));
+    assert_eq!(t.error_breakdown.get("N099"), Some(&2));
+    assert_eq!(t.error_breakdown.get("E000"), None);
+    assert_eq!(t.error_breakdown.get("OTHER"), Some(&200));
+    assert_eq!(t.error_breakdown.values().sum::<u64>(), 400);
+}
+
 async fn date_ranges_split_at_utc_midnight(backend: Backend) {
     let server = TestServer::start(backend).await;
     let mut c = server.keys();
@@ -613,6 +673,7 @@ async fn bad_usage_requests_name_their_fields(backend: Backend) {
 for_all_stores!(
     verifications_are_counted_per_decision,
     outcomes_give_exact_averages_percentiles_and_rates,
+    error_codes_per_key_and_day_are_bounded,
     date_ranges_split_at_utc_midnight,
     usage_past_the_retention_reads_as_zero,
     rate_limit_status_reads_without_consuming,

@@ -20,6 +20,13 @@ pub const BUCKETS: usize = BUCKET_BOUNDS_MS.len() + 1;
 pub const MAX_ERROR_CODE_LEN: usize = 64;
 /// Code recorded for a failure reported without one.
 pub const UNKNOWN_ERROR_CODE: &str = "UNKNOWN";
+/// Distinct error codes kept per key and UTC day, and per usage answer. A caller that puts
+/// request ids or timestamps in its codes would otherwise add a stored field per failure
+/// (~120 bytes each in Redis, kept for the whole retention) and an entry per failure to every
+/// usage answer. The Redis script holds the same number.
+pub const MAX_ERROR_CODES: usize = 100;
+/// Where failures past [`MAX_ERROR_CODES`] are counted.
+pub const OTHER_ERROR_CODE: &str = "OTHER";
 /// Outcomes per RecordOutcomes call.
 pub const MAX_OUTCOMES_PER_BATCH: usize = 1000;
 /// Reported times may run this far ahead of our clock (the callers' clocks drift too).
@@ -105,14 +112,48 @@ impl DayCounters {
             self.successes += 1;
         } else {
             self.errors += 1;
-            *self
-                .error_codes
-                .entry(outcome.error_code.clone())
-                .or_default() += 1;
+            let known = self.error_codes.contains_key(&outcome.error_code);
+            let code = if known || self.error_codes.len() < MAX_ERROR_CODES {
+                outcome.error_code.clone()
+            } else {
+                OTHER_ERROR_CODE.to_owned()
+            };
+            *self.error_codes.entry(code).or_default() += 1;
         }
         self.response_time_sum_us += outcome.response_time_us;
         self.response_time_max_us = self.response_time_max_us.max(outcome.response_time_us);
         self.buckets[bucket_of(outcome.response_time_us)] += 1;
+    }
+
+    /// The error codes to report: all of them, or, when days or keys added up to more than
+    /// [`MAX_ERROR_CODES`] codes, the most frequent ones with the rest summed under
+    /// [`OTHER_ERROR_CODE`] (as one day keeps them). The counts always add up to the failures
+    /// recorded.
+    pub fn error_breakdown(&self) -> BTreeMap<String, u64> {
+        let named =
+            self.error_codes.len() - usize::from(self.error_codes.contains_key(OTHER_ERROR_CODE));
+        if named <= MAX_ERROR_CODES {
+            return self.error_codes.clone();
+        }
+        let mut by_count: Vec<(&String, u64)> = self
+            .error_codes
+            .iter()
+            .filter(|(code, _)| code.as_str() != OTHER_ERROR_CODE)
+            .map(|(code, n)| (code, *n))
+            .collect();
+        // Most frequent first; ties by name, so the answer does not depend on map order.
+        by_count.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        let mut out = BTreeMap::new();
+        let mut other = self.error_codes.get(OTHER_ERROR_CODE).copied().unwrap_or(0);
+        for (i, (code, n)) in by_count.into_iter().enumerate() {
+            if i < MAX_ERROR_CODES {
+                out.insert(code.clone(), n);
+            } else {
+                other += n;
+            }
+        }
+        out.insert(OTHER_ERROR_CODE.to_owned(), other);
+        out
     }
 
     /// VerifyKey calls attributed to the key (every decision but MALFORMED and NOT_FOUND).
@@ -542,6 +583,49 @@ mod tests {
         let mut slow = DayCounters::default();
         slow.record(&outcome(true, 42_000, ""));
         assert_eq!(slow.percentile_us(0.5), 42_000_000);
+    }
+
+    #[test]
+    fn a_day_keeps_a_bounded_number_of_error_codes() {
+        let mut day = DayCounters::default();
+        for i in 0..150 {
+            day.record(&outcome(false, 1, &format!("E{i:03}")));
+        }
+        // A code first seen past the cap stays in OTHER, however frequent it becomes.
+        for _ in 0..50 {
+            day.record(&outcome(false, 1, "E149"));
+        }
+        day.record(&outcome(false, 1, "E000"));
+        assert_eq!(day.error_codes.len(), MAX_ERROR_CODES + 1);
+        assert_eq!(day.error_codes.get("E000"), Some(&2));
+        assert_eq!(day.error_codes.get("E099"), Some(&1));
+        assert_eq!(day.error_codes.get("E100"), None);
+        assert_eq!(day.error_codes.get(OTHER_ERROR_CODE), Some(&100));
+        assert_eq!(day.error_codes.values().sum::<u64>(), day.errors);
+        assert_eq!(day.error_breakdown(), day.error_codes);
+    }
+
+    #[test]
+    fn an_answer_over_many_days_reports_the_most_frequent_codes() {
+        let mut total = DayCounters::default();
+        for (prefix, times) in [("A", 1), ("B", 2)] {
+            let mut day = DayCounters::default();
+            for i in 0..100 {
+                for _ in 0..times {
+                    day.record(&outcome(false, 1, &format!("{prefix}{i:03}")));
+                }
+            }
+            total.add(&day);
+        }
+        assert_eq!(total.error_codes.len(), 200);
+        let breakdown = total.error_breakdown();
+        assert_eq!(breakdown.len(), MAX_ERROR_CODES + 1);
+        // The 100 most frequent (B000..B099, twice each) by name; the A codes in OTHER.
+        assert_eq!(breakdown.get("B000"), Some(&2));
+        assert_eq!(breakdown.get("B099"), Some(&2));
+        assert_eq!(breakdown.get("A000"), None);
+        assert_eq!(breakdown.get(OTHER_ERROR_CODE), Some(&100));
+        assert_eq!(breakdown.values().sum::<u64>(), total.errors);
     }
 
     #[test]

@@ -57,7 +57,7 @@ fn totals_proto(c: &DayCounters) -> pb::UsageTotals {
         error_rate: c.error_rate(),
         average_response_time: Some(duration_micros(c.average_response_time_us())),
         decisions: decisions(c),
-        error_breakdown: c.error_codes.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        error_breakdown: c.error_breakdown().into_iter().collect(),
         p50_response_time: Some(duration_micros(c.percentile_us(0.50))),
         p95_response_time: Some(duration_micros(c.percentile_us(0.95))),
         p99_response_time: Some(duration_micros(c.percentile_us(0.99))),

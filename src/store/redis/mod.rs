@@ -928,6 +928,8 @@ fn parse_day(pairs: &[(String, String)]) -> StoreResult<DayCounters> {
                 "e" => day.errors = n,
                 "rt" => day.response_time_sum_us = n,
                 "mx" => day.response_time_max_us = n,
+                // How many distinct codes the day has seen (the script's cap); not a count.
+                "nc" => {}
                 _ => return Err(bad()),
             }
         }

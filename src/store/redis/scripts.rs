@@ -155,6 +155,10 @@ return table.concat(out, '\n')
 ///
 /// Reply: how many outcomes were stored. Outcomes of unknown keys are skipped (each key is
 /// checked once), so nothing is ever written for a key that does not exist.
+///
+/// A day keeps at most 100 distinct error codes (`usage::MAX_ERROR_CODES`): its field `nc`
+/// counts the codes it has seen, and a failure with a code first seen past that counts under
+/// `OTHER`, exactly as `DayCounters::record` does for the in-memory store.
 pub static RECORD_OUTCOMES: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -172,7 +176,12 @@ for i = 0, tonumber(ARGV[1]) - 1 do
       redis.call('HINCRBY', day, 's', 1)
     else
       redis.call('HINCRBY', day, 'e', 1)
-      redis.call('HINCRBY', day, 'c:' .. code, 1)
+      local field = 'c:' .. code
+      if redis.call('HEXISTS', day, field) == 0
+          and redis.call('HINCRBY', day, 'nc', 1) > 100 then
+        field = 'c:OTHER'
+      end
+      redis.call('HINCRBY', day, field, 1)
     end
     redis.call('HINCRBY', day, 'rt', rt)
     redis.call('HINCRBY', day, 'h' .. ARGV[b + 7], 1)
