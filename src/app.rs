@@ -40,6 +40,9 @@ pub const LIVENESS_SERVICE: &str = "liveness";
 /// How long open admin HTTP connections may finish after the gRPC server has stopped.
 const ADMIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
+/// Largest request the open services (health, reflection) read.
+const OPEN_SERVICE_MAX_MESSAGE_BYTES: usize = 16 * 1024;
+
 /// How long a TLS handshake on the gRPC port may take.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -150,6 +153,10 @@ pub async fn serve<S: Store>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AppError> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
+    // Health and reflection answer anyone, token or not: keep what they will read small (a
+    // service name, a symbol), so an anonymous client cannot make the server hold megabytes
+    // per stream.
+    let health_service = health_service.max_decoding_message_size(OPEN_SERVICE_MAX_MESSAGE_BYTES);
     let readiness = options.readiness.clone();
     set_health(&reporter, &readiness, ServingStatus::NotServing).await;
     // Liveness is about the process, not its dependencies: a Redis outage must not make
@@ -175,12 +182,14 @@ pub async fn serve<S: Store>(
         .register_encoded_file_descriptor_set(crate::grpc::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| AppError::Config(format!("reflection: {e}")))?;
+        .map_err(|e| AppError::Config(format!("reflection: {e}")))?
+        .max_decoding_message_size(OPEN_SERVICE_MAX_MESSAGE_BYTES);
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::grpc::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
-        .map_err(|e| AppError::Config(format!("reflection: {e}")))?;
+        .map_err(|e| AppError::Config(format!("reflection: {e}")))?
+        .max_decoding_message_size(OPEN_SERVICE_MAX_MESSAGE_BYTES);
 
     let usage = Arc::new(UsageService::new(keys.clone()));
     let key_service = KeyServiceServer::new(KeyGrpc::new(keys))

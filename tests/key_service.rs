@@ -913,6 +913,43 @@ async fn management_changes_are_audited(backend: Backend) {
     );
 }
 
+/// Management calls naming a session that does not exist answer NOT_FOUND and write nothing,
+/// not even an audit entry: nobody could read it (ListAuditEvents needs the session), and each
+/// unknown id would start a log of its own.
+async fn calls_on_an_unknown_session_write_nothing(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut c = server.keys();
+    let ghost = unique_session("ghost");
+    let created = c
+        .create_key(pb::CreateKeyRequest {
+            session_id: ghost.clone(),
+            name: "k".into(),
+            expire_time: None,
+        })
+        .await
+        .expect_err("no such session");
+    assert_eq!(reason(&created), "SESSION_NOT_FOUND");
+    let updated = c
+        .update_session(pb::UpdateSessionRequest {
+            session_id: ghost.clone(),
+            enabled: Some(false),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no such session");
+    assert_eq!(reason(&updated), "SESSION_NOT_FOUND");
+    let audit = c
+        .list_audit_events(pb::ListAuditEventsRequest {
+            session_id: ghost.clone(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await
+        .expect_err("no such session");
+    assert_eq!(audit.code(), Code::NotFound);
+    assert_eq!(server.redis_key_count(), 0, "nothing written to Redis");
+}
+
 for_all_stores!(
     sessions_are_created_read_and_updated,
     enterprise_needs_a_custom_rate_limit,
@@ -928,4 +965,5 @@ for_all_stores!(
     sliding_window_error_against_an_exact_log_is_bounded,
     plan_changes_apply_to_the_next_request,
     management_changes_are_audited,
+    calls_on_an_unknown_session_write_nothing,
 );

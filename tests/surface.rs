@@ -39,6 +39,15 @@ async fn health_reports_serving_for_the_server_and_its_services(backend: Backend
         .await
         .expect_err("unknown service");
     assert_eq!(unknown.code(), Code::NotFound);
+    // Health answers anyone, so it reads only small requests (a service name).
+    let huge = server
+        .health()
+        .check(HealthCheckRequest {
+            service: "x".repeat(64 * 1024),
+        })
+        .await
+        .expect_err("a 64 KiB service name");
+    assert_eq!(huge.code(), Code::OutOfRange, "{huge:?}");
 }
 
 async fn reflection_lists_the_services(backend: Backend) {

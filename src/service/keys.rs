@@ -172,8 +172,19 @@ impl<S: Store> KeyService<S> {
         result: &Result<T>,
         detail: String,
     ) {
-        // Requests refused for their form change nothing and only add noise to the log.
-        if matches!(result, Err(Error::Domain(DomainError::InvalidArgument(_)))) {
+        // Requests refused for their form change nothing and only add noise to the log. A
+        // session that does not exist has no log: nobody could read one (ListAuditEvents needs
+        // the session), and each unknown id would start a new one.
+        if matches!(
+            result,
+            Err(Error::Domain(
+                DomainError::InvalidArgument(_)
+                    | DomainError::NotFound {
+                        resource: Resource::Session,
+                        ..
+                    }
+            ))
+        ) {
             return;
         }
         let entry = AuditEntry {
