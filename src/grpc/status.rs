@@ -1,8 +1,8 @@
 //! The single mapping from service errors to `google.rpc.Status`: a gRPC code, a readable
 //! message, an `ErrorInfo` (UPPER_SNAKE reason, domain `keys.sendable`, metadata) and, for bad
 //! input, a `BadRequest` listing every invalid field. Store failures are logged here (at most
-//! a few lines a second) with their detail and returned without it: callers learn *that* the store failed and whether to retry,
-//! not its addresses or internals.
+//! a few lines a second) with their detail and returned without it: callers learn *that* the
+//! store failed and whether to retry, not its addresses or internals.
 
 use std::collections::HashMap;
 

@@ -9,8 +9,8 @@
 //! connection out per call we keep `pool_size` *lanes*, each holding a clone of a connection the
 //! pool created, and spread calls over them round-robin. A lane whose connection fails (an
 //! I/O error, a timeout, READONLY: see `gives_up_connection`) is emptied, and the next call on
-//! it takes a connection from the pool, whose recycle check (the PING) weeds out dead ones. Net effect: one round trip per operation, the
-//! pool still owns the connections' life cycle.
+//! it takes a connection from the pool, whose recycle check (the PING) weeds out dead ones.
+//! Net effect: one round trip per operation, the pool still owns the connections' life cycle.
 //!
 //! VerifyKey goes through the lane's batcher (`batch.rs`): calls waiting at the same moment
 //! share one script call.
