@@ -38,7 +38,7 @@ pub const HEALTH_SERVICES: [&str; 2] = [
 pub const LIVENESS_SERVICE: &str = "liveness";
 
 /// How long open admin HTTP connections may finish after the gRPC server has stopped.
-const ADMIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+const ADMIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// Largest request the open services (health, reflection) read.
 const OPEN_SERVICE_MAX_MESSAGE_BYTES: usize = 16 * 1024;
@@ -206,11 +206,15 @@ pub async fn serve<S: Store>(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, tls = options.tls.is_some(), "gRPC listening");
     }
-    // TCP keepalive as well as HTTP/2 pings: a TLS handshake or an HTTP/2 preface that
-    // never comes has no HTTP/2 connection to ping yet.
+    // TCP keepalive as well: a connection still in its TLS handshake has no HTTP/2 to ping,
+    // and a peer whose machine is gone (not just its process) stops answering probes. The
+    // kernel takes whole seconds, and its defaults would probe for 11 minutes.
+    let whole_seconds = |d: Duration| Duration::from_secs(d.as_secs().max(1));
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
-        .with_keepalive(Some(options.keepalive_interval));
+        .with_keepalive(Some(whole_seconds(options.keepalive_interval)))
+        .with_keepalive_interval(Some(whole_seconds(options.keepalive_timeout)))
+        .with_keepalive_retries(Some(3));
     let shutdown = async move {
         shutdown.await;
         tracing::info!("draining: health NOT_SERVING, no new calls, in-flight calls finishing");

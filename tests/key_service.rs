@@ -948,6 +948,20 @@ async fn calls_on_an_unknown_session_write_nothing(backend: Backend) {
         .expect_err("no such session");
     assert_eq!(audit.code(), Code::NotFound);
     assert_eq!(server.redis_key_count(), 0, "nothing written to Redis");
+    // Had anything been logged under that id, a session created with it now would show it.
+    create_session(&mut c, &ghost, pb::Plan::Free, pb::Environment::Live).await;
+    let events = c
+        .list_audit_events(pb::ListAuditEventsRequest {
+            session_id: ghost.clone(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await
+        .expect("audit")
+        .into_inner()
+        .events;
+    let actions: Vec<&str> = events.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(actions, ["CreateSession"]);
 }
 
 for_all_stores!(

@@ -327,8 +327,8 @@ async fn a_watch_stream_ends_on_the_server_when_its_client_goes_away() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_whose_peer_went_silent_is_closed_and_its_streams_end() {
     let process = start(&[
-        ("SENDABLE_KEYS_KEEPALIVE_INTERVAL", "200ms"),
-        ("SENDABLE_KEYS_KEEPALIVE_TIMEOUT", "200ms"),
+        ("SENDABLE_KEYS_KEEPALIVE_INTERVAL", "1s"),
+        ("SENDABLE_KEYS_KEEPALIVE_TIMEOUT", "1s"),
     ]);
     let relay = Relay::to(&process.grpc).await;
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", relay.addr))
@@ -366,10 +366,19 @@ async fn a_connection_whose_peer_went_silent_is_closed_and_its_streams_end() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Pings went back and forth through the relay so far; now the peer goes silent, without
-    // closing anything (the client keeps its stream and channel).
+    // The connection is alive and answering right up to the freeze (a call through it).
+    let answered = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await;
+    assert!(answered.is_ok(), "{answered:?}");
+    assert_eq!(watchers(&process.admin), 1.0, "still watching");
+    // Now the peer goes silent, without closing anything (the client keeps its stream and
+    // channel).
     relay.freeze_existing();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Closed after a ping goes unanswered: within interval + timeout (2 s), with room to spare.
+    let deadline = Instant::now() + Duration::from_secs(15);
     while watchers(&process.admin) > 0.0 {
         assert!(
             Instant::now() < deadline,

@@ -194,24 +194,25 @@ async fn error_codes_per_key_and_day_are_bounded(backend: Backend) {
                 .accepted
         }
     };
-    let mut batch: Vec<pb::Outcome> = (0..150)
-        .map(|i| outcome(k, false, &format!("E{i:03}"), 1_000, None))
-        .collect();
+    // A caller's own "OTHER" is a code like any other until the cap; after it, OTHER also
+    // holds everything new.
+    let mut batch = vec![outcome(k, false, "OTHER", 1_000, None)];
+    batch.extend((0..150).map(|i| outcome(k, false, &format!("E{i:03}"), 1_000, None)));
     batch.extend((0..50).map(|_| outcome(k, false, "E149", 1_000, None)));
-    assert_eq!(record(batch).await, 200);
+    assert_eq!(record(batch).await, 201);
     let t = key_usage(&server, k, DAY, DAY).await.total.expect("totals");
-    assert_eq!(t.errors, 200);
-    assert_eq!(t.error_breakdown.len(), 101);
+    assert_eq!(t.errors, 201);
+    assert_eq!(t.error_breakdown.len(), 100);
     assert_eq!(t.error_breakdown.get("E000"), Some(&1));
-    assert_eq!(t.error_breakdown.get("E099"), Some(&1));
-    assert_eq!(t.error_breakdown.get("E100"), None);
+    assert_eq!(t.error_breakdown.get("E098"), Some(&1));
+    assert_eq!(t.error_breakdown.get("E099"), None, "the 101st code");
     assert_eq!(
         t.error_breakdown.get("E149"),
         None,
         "first seen past the cap"
     );
-    assert_eq!(t.error_breakdown.get("OTHER"), Some(&100));
-    assert_eq!(t.error_breakdown.values().sum::<u64>(), 200);
+    assert_eq!(t.error_breakdown.get("OTHER"), Some(&(1 + 51 + 50)));
+    assert_eq!(t.error_breakdown.values().sum::<u64>(), 201);
 
     // The next day, 100 new codes twice each: over both days the 100 most frequent are named.
     server.clock.set(MIDNIGHT + MINUTE);
@@ -223,13 +224,13 @@ async fn error_codes_per_key_and_day_are_bounded(backend: Backend) {
         .await
         .total
         .expect("totals");
-    assert_eq!(t.errors, 400);
+    assert_eq!(t.errors, 401);
     assert_eq!(t.error_breakdown.len(), 101);
     assert_eq!(t.error_breakdown.get("N000"), Some(&2));
     assert_eq!(t.error_breakdown.get("N099"), Some(&2));
     assert_eq!(t.error_breakdown.get("E000"), None);
-    assert_eq!(t.error_breakdown.get("OTHER"), Some(&200));
-    assert_eq!(t.error_breakdown.values().sum::<u64>(), 400);
+    assert_eq!(t.error_breakdown.get("OTHER"), Some(&(102 + 99)));
+    assert_eq!(t.error_breakdown.values().sum::<u64>(), 401);
 }
 
 async fn date_ranges_split_at_utc_midnight(backend: Backend) {

@@ -23,7 +23,7 @@ use tracing::Instrument;
 use super::status::access_denied;
 use crate::auth::{self, Credentials};
 use crate::domain::Actor;
-use crate::telemetry::Throttle;
+use crate::telemetry::{THROTTLED_LINES_PER_SECOND, Throttle};
 
 /// Every method this server knows, by path, with its metrics label. Unknown paths share the
 /// label `other`, so a scanner probing random paths cannot blow up the label set.
@@ -289,10 +289,13 @@ where
             Ok(actor) => actor,
             Err((status, caller)) => {
                 let code = code_name(status.code());
+                // A client without a token can send these as fast as it likes; it gets its own
+                // budget, so it cannot crowd out a known caller's refusals.
+                static ANONYMOUS: Throttle = Throttle::new(THROTTLED_LINES_PER_SECOND);
+                static KNOWN: Throttle = Throttle::new(THROTTLED_LINES_PER_SECOND);
+                let log = if caller.is_some() { &KNOWN } else { &ANONYMOUS };
                 let caller = caller.unwrap_or_else(|| "unauthenticated".to_owned());
-                // A client without a token can send these as fast as it likes.
-                static LOG: Throttle = Throttle::new(10);
-                if let Some(suppressed) = LOG.admit() {
+                if let Some(suppressed) = log.admit() {
                     tracing::warn!(method, code, %caller, peer = ?peer_of(&request), suppressed, "request refused: {}", status.message());
                 }
                 record(method, code, caller, started);

@@ -11,11 +11,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::domain::DomainError;
 use crate::service::Error;
-use crate::telemetry::Throttle;
-
-/// Store failures logged per second and kind; the rest are counted into the next line
-/// (every request is in the metrics regardless).
-const LINES_PER_SECOND: u64 = 10;
+use crate::telemetry::{THROTTLED_LINES_PER_SECOND, Throttle};
 
 /// The `ErrorInfo.domain` of every error this service returns.
 pub const ERROR_DOMAIN: &str = "keys.sendable";
@@ -24,7 +20,7 @@ pub fn to_status(err: &Error) -> Status {
     let (code, message, details) = match err {
         Error::Domain(domain) => domain_status(domain),
         Error::Store(store) if store.transient => {
-            static LOG: Throttle = Throttle::new(LINES_PER_SECOND);
+            static LOG: Throttle = Throttle::new(THROTTLED_LINES_PER_SECOND);
             if let Some(suppressed) = LOG.admit() {
                 tracing::warn!(error = %store.message, suppressed, "store unavailable");
             }
@@ -35,7 +31,7 @@ pub fn to_status(err: &Error) -> Status {
             )
         }
         Error::Store(store) => {
-            static LOG: Throttle = Throttle::new(LINES_PER_SECOND);
+            static LOG: Throttle = Throttle::new(THROTTLED_LINES_PER_SECOND);
             if let Some(suppressed) = LOG.admit() {
                 tracing::error!(error = %store.message, suppressed, "store failure");
             }

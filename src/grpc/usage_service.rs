@@ -22,6 +22,7 @@ use crate::domain::{Decision, DomainError, KeyId, UtcDate, Violations};
 use crate::service::UsageService;
 use crate::service::usage::{AlertReading, KeyUsageReport, ReportedOutcome};
 use crate::store::Store;
+use crate::telemetry::{THROTTLED_LINES_PER_SECOND, Throttle};
 
 /// Violations listed per RecordOutcomes call; past it, one summary entry (a 1000-entry
 /// BadRequest helps nobody).
@@ -387,7 +388,11 @@ impl<S: Store> UsageServiceApi for UsageGrpc<S> {
                     Ok(readings) => readings,
                     Err(crate::service::Error::Store(err)) if err.transient => {
                         // A blip: keep the stream and the known state, try at the next tick.
-                        tracing::warn!(error = %err, session_id = %id, "alert evaluation failed; retrying");
+                        // Every open stream hits this on every tick of an outage.
+                        static LOG: Throttle = Throttle::new(THROTTLED_LINES_PER_SECOND);
+                        if let Some(suppressed) = LOG.admit() {
+                            tracing::warn!(error = %err, session_id = %id, suppressed, "alert evaluation failed; retrying");
+                        }
                         continue;
                     }
                     Err(err) => {

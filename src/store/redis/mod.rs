@@ -24,7 +24,7 @@ pub mod scripts;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -130,11 +130,58 @@ enum Path {
     Management,
 }
 
+/// A generation no connection has: releasing it releases nothing.
+const NO_GENERATION: u64 = 0;
+
+/// One lane: the connection it holds, numbered so that a call that failed on it lets go of
+/// that connection only, never of a newer one another call has just installed.
+#[derive(Default)]
+struct Lane {
+    slot: Mutex<LaneSlot>,
+    /// Held by the one caller refilling an empty lane.
+    refill: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct LaneSlot {
+    conn: Option<Conn>,
+    /// Of the connection in `conn`, or of the last one there; starts at 1 with the first.
+    generation: u64,
+}
+
+impl Lane {
+    fn slot(&self) -> std::sync::MutexGuard<'_, LaneSlot> {
+        self.slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn current(&self) -> Option<(u64, Conn)> {
+        let slot = self.slot();
+        slot.conn.clone().map(|conn| (slot.generation, conn))
+    }
+
+    fn install(&self, conn: Conn) -> (u64, Conn) {
+        let mut slot = self.slot();
+        slot.generation += 1;
+        slot.conn = Some(conn.clone());
+        (slot.generation, conn)
+    }
+
+    /// Empties the lane if it still holds connection `generation`.
+    fn release(&self, generation: u64) {
+        let mut slot = self.slot();
+        if slot.generation == generation {
+            slot.conn = None;
+        }
+    }
+}
+
 pub struct RedisStore {
     pool: Pool,
     cluster: bool,
     batching: bool,
-    lanes: Box<[Mutex<Option<Conn>>]>,
+    lanes: Box<[Lane]>,
     /// One verification batcher per lane (only the hot lanes' are used).
     batchers: Box<[Arc<batch::Batcher>]>,
     verify_latency: std::sync::OnceLock<metrics::Histogram>,
@@ -202,7 +249,7 @@ impl RedisStore {
             pool,
             cluster,
             batching: config.batching,
-            lanes: (0..pool_size).map(|_| Mutex::new(None)).collect(),
+            lanes: (0..pool_size).map(|_| Lane::default()).collect(),
             batchers: (0..pool_size).map(|_| Arc::default()).collect(),
             verify_latency: std::sync::OnceLock::new(),
             next_lane: AtomicUsize::new(0),
@@ -213,12 +260,6 @@ impl RedisStore {
 
     pub fn keys(&self) -> &Keys {
         &self.keys
-    }
-
-    fn lane(&self, index: usize) -> std::sync::MutexGuard<'_, Option<Conn>> {
-        self.lanes[index]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A clone of a pooled connection. The pool object goes straight back to the pool (idle),
@@ -264,8 +305,8 @@ impl RedisStore {
             .await
             .map_err(|_| StoreError::transient("redis: no answer while connecting"))?
             .map_err(|e| store_error(&e))?;
-        for (index, conn) in conns.into_iter().enumerate() {
-            *self.lane(index) = Some(conn);
+        for (lane, conn) in self.lanes.iter().zip(conns) {
+            lane.install(conn);
         }
         Ok(())
     }
@@ -286,20 +327,23 @@ impl RedisStore {
         }
     }
 
-    /// The connection of lane `index`, taking one from the pool if the lane is empty.
-    async fn lane_conn(&self, index: usize) -> RedisResult<Conn> {
-        let existing = self.lane(index).clone();
-        Ok(match existing {
-            Some(conn) => conn,
-            None => {
-                // Boxed: the pool's checkout is a large future, and every caller's future
-                // would otherwise carry (and copy) its space on every call, not just the rare
-                // ones that reconnect.
-                let conn = Box::pin(self.checkout()).await?;
-                *self.lane(index) = Some(conn.clone());
-                conn
-            }
-        })
+    /// The connection of lane `index` and its generation, taking one from the pool if the lane
+    /// is empty. One caller refills an empty lane; the others wait for it and share its
+    /// connection, instead of each checking one out (a PING each) at once.
+    async fn lane_conn(&self, index: usize) -> RedisResult<(u64, Conn)> {
+        let lane = &self.lanes[index];
+        if let Some(found) = lane.current() {
+            return Ok(found);
+        }
+        let _refilling = lane.refill.lock().await;
+        if let Some(found) = lane.current() {
+            return Ok(found);
+        }
+        // Boxed: the pool's checkout is a large future, and every caller's future would
+        // otherwise carry (and copy) its space on every call, not just the rare ones that
+        // reconnect.
+        let conn = Box::pin(self.checkout()).await?;
+        Ok(lane.install(conn))
     }
 
     /// Records an operation's latency, and its error if it failed.
@@ -365,19 +409,24 @@ impl RedisStore {
         Fut: Future<Output = RedisResult<T>>,
     {
         let index = self.lane_for(path);
-        let work = async { op(self.lane_conn(index).await?).await };
+        let used = AtomicU64::new(NO_GENERATION);
+        let work = async {
+            let (generation, conn) = self.lane_conn(index).await?;
+            used.store(generation, Ordering::Relaxed);
+            op(conn).await
+        };
         let started = std::time::Instant::now();
         let outcome = tokio::time::timeout(self.timeout, work).await;
         let result = match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {
                 if gives_up_connection(&err) {
-                    *self.lane(index) = None;
+                    self.lanes[index].release(used.load(Ordering::Relaxed));
                 }
                 Err(store_error(&err))
             }
             Err(_) => {
-                *self.lane(index) = None;
+                self.lanes[index].release(used.load(Ordering::Relaxed));
                 Err(self.timed_out())
             }
         };
@@ -861,11 +910,13 @@ impl KeyStore for RedisStore {
             shard: id.shard(),
             reply,
         };
+        let used = AtomicU64::new(NO_GENERATION);
         let work = async {
-            let conn = self.lane_conn(index).await.map_err(|e| batch::Failure {
+            let (generation, conn) = self.lane_conn(index).await.map_err(|e| batch::Failure {
                 error: store_error(&e),
                 reset_lane: false,
             })?;
+            used.store(generation, Ordering::Relaxed);
             self.batchers[index]
                 .submit(job, conn, self.cluster, self.batching, self.timeout)
                 .await;
@@ -882,13 +933,13 @@ impl KeyStore for RedisStore {
             Ok(Ok(reply)) => decode_verify(&reply),
             Ok(Err(failure)) => {
                 if failure.reset_lane {
-                    *self.lane(index) = None;
+                    self.lanes[index].release(used.load(Ordering::Relaxed));
                 }
                 Err(failure.error)
             }
             // A silent connection, maybe: see `gives_up_connection`.
             Err(_) => {
-                *self.lane(index) = None;
+                self.lanes[index].release(used.load(Ordering::Relaxed));
                 Err(self.timed_out())
             }
         };
@@ -1297,8 +1348,10 @@ impl Store for RedisStore {
             .set(status.available as f64);
         metrics::gauge!("sendable_keys_redis_pool_connections", "state" => "max")
             .set(status.max_size as f64);
-        let connected = (0..self.lanes.len())
-            .filter(|i| self.lane(*i).is_some())
+        let connected = self
+            .lanes
+            .iter()
+            .filter(|lane| lane.current().is_some())
             .count();
         metrics::gauge!("sendable_keys_redis_lanes_connected").set(connected as f64);
     }

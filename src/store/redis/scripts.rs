@@ -156,12 +156,11 @@ return table.concat(out, '\n')
 /// Reply: how many outcomes were stored. Outcomes of unknown keys are skipped (each key is
 /// checked once), so nothing is ever written for a key that does not exist.
 ///
-/// A day keeps at most 100 distinct error codes (`usage::MAX_ERROR_CODES`): its field `nc`
+/// A day keeps at most `usage::MAX_ERROR_CODES` (100) distinct error codes: its field `nc`
 /// counts the codes it has seen, and a failure with a code first seen past that counts under
 /// `OTHER`, exactly as `DayCounters::record` does for the in-memory store.
 pub static RECORD_OUTCOMES: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+    let source = r#"
 local accepted, known = 0, {}
 for i = 0, tonumber(ARGV[1]) - 1 do
   local b = 2 + i * 9
@@ -178,7 +177,7 @@ for i = 0, tonumber(ARGV[1]) - 1 do
       redis.call('HINCRBY', day, 'e', 1)
       local field = 'c:' .. code
       if redis.call('HEXISTS', day, field) == 0
-          and redis.call('HINCRBY', day, 'nc', 1) > 100 then
+          and redis.call('HINCRBY', day, 'nc', 1) > MAX_ERROR_CODES then
         field = 'c:OTHER'
       end
       redis.call('HINCRBY', day, field, 1)
@@ -198,8 +197,12 @@ for i = 0, tonumber(ARGV[1]) - 1 do
   end
 end
 return accepted
-"#,
-    )
+"#;
+    // The cap is the in-memory store's constant, so the two cannot drift apart.
+    Script::new(&source.replace(
+        "MAX_ERROR_CODES",
+        &crate::domain::usage::MAX_ERROR_CODES.to_string(),
+    ))
 });
 
 /// CreateKey: insert a key if its session is below its key limit.
