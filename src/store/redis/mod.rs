@@ -979,9 +979,10 @@ fn parse_day(pairs: &[(String, String)]) -> StoreResult<DayCounters> {
                 "e" => day.errors = n,
                 "rt" => day.response_time_sum_us = n,
                 "mx" => day.response_time_max_us = n,
-                // How many distinct codes the day has seen (the script's cap); not a count.
-                "nc" => {}
-                _ => return Err(bad()),
+                // `nc`: how many distinct codes the day has seen (the script's cap), not a
+                // counter to report. Other names: a newer release's counters, which this one
+                // does not report but must not fail on during a rolling upgrade.
+                _ => {}
             }
         }
     }
@@ -1392,6 +1393,32 @@ mod tests {
         assert_eq!(unpack_session(&s.id, &packed, 2).expect("parses"), s);
         assert!(unpack_session(&s.id, "2:4:0", 0).is_err());
         assert!(unpack_session(&s.id, "9:4:0:::1:1:1", 0).is_err());
+    }
+
+    #[test]
+    fn usage_days_read_what_they_know_and_skip_newer_counters() {
+        let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|(f, v)| ((*f).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let day = parse_day(&pairs(&[
+            ("s", "3"),
+            ("e", "2"),
+            ("c:503", "2"),
+            ("d1", "5"),
+            ("nc", "1"),
+            ("a-future-counter", "9"),
+        ]))
+        .expect("parses");
+        assert_eq!((day.successes, day.errors), (3, 2));
+        assert_eq!(day.error_codes.get("503"), Some(&2));
+        assert_eq!(day.decisions[1], 5);
+        assert_eq!(day.error_codes.len(), 1, "nc is not an error code");
+        // A value that is not a count is still corruption, whatever its field.
+        assert!(parse_day(&pairs(&[("s", "x")])).is_err());
+        assert!(parse_day(&pairs(&[("a-future-counter", "x")])).is_err());
+        assert!(parse_day(&pairs(&[("d99", "1")])).is_err());
     }
 
     #[test]
