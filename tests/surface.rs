@@ -105,6 +105,31 @@ async fn reflection_lists_the_services(backend: Backend) {
         };
         assert!(!files.file_descriptor_proto.is_empty());
     }
+    // Reflection answers anyone too, so it reads only small requests (a symbol, a file name).
+    {
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        let mut client = ServerReflectionClient::new(server.channel.clone());
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol("x".repeat(64 * 1024))),
+        };
+        // Refused unread: an error, or (tonic-reflection ends its stream on a request it cannot
+        // decode) no answer at all. Read, it would get a reflection answer (an error response
+        // saying the symbol is unknown).
+        match client
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+        {
+            Err(status) => assert_eq!(status.code(), Code::OutOfRange, "{status:?}"),
+            Ok(responses) => match responses.into_inner().next().await {
+                None => {}
+                Some(Err(status)) => assert_eq!(status.code(), Code::OutOfRange, "{status:?}"),
+                Some(Ok(answer)) => panic!("a 64 KiB request was read and answered: {answer:?}"),
+            },
+        }
+    }
 }
 
 for_all_stores!(
