@@ -276,14 +276,17 @@ fn watchers(admin: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_watch_stream_ends_on_the_server_when_its_client_goes_away() {
-    let process = start(&[]);
-    let channel = process.channel().await;
+/// Creates session `id` and opens a WatchAlerts stream on it over `channel`, returning once
+/// the server counts the watcher (it registers after its first evaluation).
+async fn watch_new_session(
+    process: &Process,
+    channel: &tonic::transport::Channel,
+    id: &str,
+) -> tonic::Streaming<pb::AlertEvent> {
     KeyServiceClient::new(channel.clone())
         .create_session(authed(
             pb::CreateSessionRequest {
-                session_id: "acme-watch".into(),
+                session_id: id.into(),
                 environment: pb::Environment::Live as i32,
                 plan: pb::Plan::Free as i32,
                 ..Default::default()
@@ -295,33 +298,52 @@ async fn a_watch_stream_ends_on_the_server_when_its_client_goes_away() {
     let stream = UsageServiceClient::new(channel.clone())
         .watch_alerts(authed(
             pb::WatchAlertsRequest {
-                session_id: "acme-watch".into(),
+                session_id: id.into(),
             },
             ADMIN_TOKEN,
         ))
         .await
         .expect("watch")
         .into_inner();
-    // The watcher registers as soon as its first evaluation is done.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while watchers(&process.admin) < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the watcher never showed up in /metrics"
-        );
+    wait_for_watchers(
+        process,
+        Duration::from_secs(10),
+        |n| n >= 1.0,
+        "the watcher never showed up in /metrics",
+    )
+    .await;
+    stream
+}
+
+/// Polls /metrics until the watcher count satisfies `done`, failing with `why` after `within`.
+async fn wait_for_watchers(
+    process: &Process,
+    within: Duration,
+    done: impl Fn(f64) -> bool,
+    why: &str,
+) {
+    let deadline = Instant::now() + within;
+    while !done(watchers(&process.admin)) {
+        assert!(Instant::now() < deadline, "{why}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_stream_ends_on_the_server_when_its_client_goes_away() {
+    let process = start(&[]);
+    let channel = process.channel().await;
+    let stream = watch_new_session(&process, &channel, "acme-watch").await;
     drop(stream);
     drop(channel);
     // Gone within a few poll intervals (50 ms here), without waiting for an alert to send.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while watchers(&process.admin) > 0.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the server kept evaluating for a client that left"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_watchers(
+        &process,
+        Duration::from_secs(10),
+        |n| n == 0.0,
+        "the server kept evaluating for a client that left",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,36 +358,7 @@ async fn a_connection_whose_peer_went_silent_is_closed_and_its_streams_end() {
         .connect()
         .await
         .expect("connect through the relay");
-    KeyServiceClient::new(channel.clone())
-        .create_session(authed(
-            pb::CreateSessionRequest {
-                session_id: "acme-silent".into(),
-                environment: pb::Environment::Live as i32,
-                plan: pb::Plan::Free as i32,
-                ..Default::default()
-            },
-            ADMIN_TOKEN,
-        ))
-        .await
-        .expect("session");
-    let stream = UsageServiceClient::new(channel.clone())
-        .watch_alerts(authed(
-            pb::WatchAlertsRequest {
-                session_id: "acme-silent".into(),
-            },
-            ADMIN_TOKEN,
-        ))
-        .await
-        .expect("watch")
-        .into_inner();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while watchers(&process.admin) < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the watcher never showed up in /metrics"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let stream = watch_new_session(&process, &channel, "acme-silent").await;
     // The connection is alive and answering right up to the freeze (a call through it).
     let answered = tonic_health::pb::health_client::HealthClient::new(channel.clone())
         .check(tonic_health::pb::HealthCheckRequest {
@@ -378,14 +371,13 @@ async fn a_connection_whose_peer_went_silent_is_closed_and_its_streams_end() {
     // channel).
     relay.freeze_existing();
     // Closed after a ping goes unanswered: within interval + timeout (2 s), with room to spare.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while watchers(&process.admin) > 0.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the server kept a silent peer's connection and its watch stream"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_watchers(
+        &process,
+        Duration::from_secs(15),
+        |n| n == 0.0,
+        "the server kept a silent peer's connection and its watch stream",
+    )
+    .await;
     drop((stream, channel));
 }
 

@@ -137,31 +137,49 @@ for_all_stores!(
     reflection_lists_the_services
 );
 
-/// Redis dies: health flips to NOT_SERVING, VerifyKey fails closed with UNAVAILABLE (never a
-/// VALID it cannot vouch for); Redis comes back: serving again, new data works.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn losing_redis_fails_closed_and_recovers() {
-    let mut redis = DedicatedRedis::start();
+/// A server on the standalone Redis at `url` (with `timeout` per store call), serving, with
+/// a session and one key that verifies VALID; returns the server, the session id and the
+/// key's secret.
+async fn server_with_a_key(
+    url: String,
+    timeout: std::time::Duration,
+    label: &str,
+) -> (TestServer, String, String) {
     let prefix = unique_prefix();
     let store = RedisStore::new(&RedisConfig {
-        urls: vec![redis.server.url()],
+        urls: vec![url],
         cluster: false,
         pool_size: 2,
         batching: true,
         prefix: prefix.clone(),
-        timeout: std::time::Duration::from_millis(500),
+        timeout,
     })
     .expect("store");
     let server = TestServer::start_on_store(Arc::new(store), Backend::Redis, &prefix).await;
     server.wait_health("", ServingStatus::Serving).await;
     let mut c = server.keys();
-    let id = unique_session("fault");
+    let id = unique_session(label);
     create_session(&mut c, &id, pb::Plan::Pro, pb::Environment::Live).await;
     let (_, secret) = create_key(&mut c, &id).await;
     assert_eq!(
         decision(&verify(&mut c, &secret).await),
         pb::Decision::Valid
     );
+    (server, id, secret)
+}
+
+/// Redis dies: health flips to NOT_SERVING, VerifyKey fails closed with UNAVAILABLE (never a
+/// VALID it cannot vouch for); Redis comes back: serving again, new data works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_redis_fails_closed_and_recovers() {
+    let mut redis = DedicatedRedis::start();
+    let (server, _, secret) = server_with_a_key(
+        redis.server.url(),
+        std::time::Duration::from_millis(500),
+        "fault",
+    )
+    .await;
+    let mut c = server.keys();
 
     redis.kill();
     let err = c
@@ -213,25 +231,13 @@ async fn redis_connections_that_went_silent_are_replaced() {
         .trim_end_matches('/')
         .to_owned();
     let relay = Relay::to(&target).await;
-    let prefix = unique_prefix();
-    let store = RedisStore::new(&RedisConfig {
-        urls: vec![format!("redis://{}", relay.addr)],
-        cluster: false,
-        pool_size: 2,
-        batching: true,
-        prefix: prefix.clone(),
-        timeout: std::time::Duration::from_secs(1),
-    })
-    .expect("store");
-    let server = TestServer::start_on_store(Arc::new(store), Backend::Redis, &prefix).await;
+    let (server, id, secret) = server_with_a_key(
+        format!("redis://{}", relay.addr),
+        std::time::Duration::from_secs(1),
+        "silent",
+    )
+    .await;
     let mut c = server.keys();
-    let id = unique_session("silent");
-    create_session(&mut c, &id, pb::Plan::Pro, pb::Environment::Live).await;
-    let (_, secret) = create_key(&mut c, &id).await;
-    assert_eq!(
-        decision(&verify(&mut c, &secret).await),
-        pb::Decision::Valid
-    );
     let before = relay.accepted();
 
     relay.freeze_existing();
