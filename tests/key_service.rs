@@ -964,6 +964,65 @@ async fn calls_on_an_unknown_session_write_nothing(backend: Backend) {
     assert_eq!(actions, ["CreateSession"]);
 }
 
+/// The in-memory store decides and counts in Rust; Redis decides in its script, and the service
+/// derives the remaining count, reset and retry-after from the window the script read. Random
+/// traffic (costs 1-5, clock steps forward and now and then back, as between replicas) must get
+/// the very same answers from all three stores, figure for figure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_store_gives_the_same_rate_limit_answers() {
+    let mut servers = Vec::new();
+    for backend in [Backend::Memory, Backend::Redis, Backend::Cluster] {
+        let server = TestServer::start(backend).await;
+        let mut c = server.keys();
+        let id = unique_session("same");
+        create_session(&mut c, &id, pb::Plan::Free, pb::Environment::Live).await;
+        let (_, secret) = create_key(&mut c, &id).await;
+        servers.push((server, c, secret));
+    }
+    let mut rng_state = 0x0dd5_eed5_u64;
+    let mut next = move || {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        rng_state
+    };
+    let (mut now, mut limited, mut valid) = (T0, 0, 0);
+    for step in 0..400 {
+        now += match next() % 20 {
+            0 => -((next() % 5_000) as i64),
+            1 => (next() % 90_000) as i64,
+            _ => (next() % 700) as i64,
+        };
+        let cost = (next() % 5 + 1) as u32;
+        let mut answers = Vec::new();
+        for (server, c, secret) in &mut servers {
+            server.clock.set(now);
+            let response = c
+                .verify_key(pb::VerifyKeyRequest {
+                    key: secret.clone(),
+                    expected_environment: 0,
+                    cost,
+                })
+                .await
+                .expect("verify")
+                .into_inner();
+            answers.push((decision(&response), response.rate_limit));
+        }
+        assert_eq!(answers[0], answers[1], "memory vs redis at step {step}");
+        assert_eq!(answers[0], answers[2], "memory vs cluster at step {step}");
+        match answers[0].0 {
+            pb::Decision::Valid => valid += 1,
+            pb::Decision::RateLimited => limited += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // The traffic exercised both sides of the limit.
+    assert!(
+        valid > 50 && limited > 50,
+        "valid {valid}, limited {limited}"
+    );
+}
+
 for_all_stores!(
     sessions_are_created_read_and_updated,
     enterprise_needs_a_custom_rate_limit,

@@ -41,7 +41,7 @@ use super::{
     ReplaceSession, RotateKey, SessionStore, Store, StoreError, StoreResult, UsageStore,
     VerifyRequest,
 };
-use crate::domain::ratelimit::WindowState;
+use crate::domain::ratelimit::{self, WindowState};
 use crate::domain::time::{MILLIS_PER_DAY, MILLIS_PER_HOUR};
 use crate::domain::usage::{
     AlertKind, DayCounters, MINUTE_RETENTION_MS, MinuteCounters, Outcome, bucket_of, minute_of,
@@ -49,7 +49,7 @@ use crate::domain::usage::{
 };
 use crate::domain::{
     AuditEntry, AuditEvent, Decision, Environment, KeyId, KeyRecord, KeyState, Millis, Plan,
-    ROTATED_REASON, RateLimitState, SessionId, SessionRecord, UtcDate, VerifyOutcome,
+    ROTATED_REASON, SessionId, SessionRecord, UtcDate, VerifyOutcome,
 };
 
 /// How to reach Redis.
@@ -930,7 +930,7 @@ impl KeyStore for RedisStore {
             }
         };
         let result = match tokio::time::timeout(self.timeout, work).await {
-            Ok(Ok(reply)) => decode_verify(&reply),
+            Ok(Ok(reply)) => decode_verify(&reply, now, request.cost),
             Ok(Err(failure)) => {
                 if failure.reset_lane {
                     self.lanes[index].release(used.load(Ordering::Relaxed));
@@ -997,9 +997,13 @@ fn pairs(value: &Value) -> StoreResult<Vec<(String, String)>> {
 /// trips, small enough not to stall Redis for other clients.
 const PIPELINE_CHUNK: usize = 512;
 
-fn decode_verify(reply: &str) -> StoreResult<VerifyOutcome> {
+/// Reads the VERIFY script's answer for a call made at `now` with `cost`. For VALID and
+/// RATE_LIMITED the script sends the window as it read it; `admit` from that state at the same
+/// `now` and cost is the script's own arithmetic, so it gives the remaining count, reset and
+/// retry-after of exactly the decision the script made.
+fn decode_verify(reply: &str, now: Millis, cost: u32) -> StoreResult<VerifyOutcome> {
     let bad = || corrupt("verify reply");
-    let mut fields = reply.split(':');
+    let mut fields = reply.splitn(6, ':');
     let mut next = || fields.next().ok_or_else(bad);
     let number = |text: &str| text.parse::<i64>().map_err(|_| bad());
     let decision = Decision::from_code(number(next()?)?).ok_or_else(bad)?;
@@ -1012,17 +1016,15 @@ fn decode_verify(reply: &str) -> StoreResult<VerifyOutcome> {
     let rate_limit = match next() {
         Err(_) => None,
         Ok(limit) => {
-            let clamp = |v: i64| u32::try_from(v.max(0)).unwrap_or(u32::MAX);
-            let limit = clamp(number(limit)?);
-            let remaining = clamp(number(next()?)?);
-            let reset_after_ms = number(next()?)?;
-            let retry = number(next()?)?;
-            Some(RateLimitState {
-                limit,
-                remaining,
-                reset_after_ms,
-                retry_after_ms: (retry >= 0 && decision == Decision::RateLimited).then_some(retry),
-            })
+            let limit = limit.parse::<u32>().map_err(|_| bad())?;
+            // A window field the script could not read counts from zero there, and here.
+            let field = next()?;
+            let window = parse_window(Some(field).filter(|f| !f.is_empty())).unwrap_or_default();
+            let mut rate = ratelimit::admit(window, now, limit, cost).rate;
+            if decision != Decision::RateLimited {
+                rate.retry_after_ms = None;
+            }
+            Some(rate)
         }
     };
     Ok(VerifyOutcome {
@@ -1423,29 +1425,51 @@ mod tests {
 
     #[test]
     fn verify_replies_decode() {
+        // A window boundary, as in `domain::ratelimit`'s tests.
+        const T0: Millis = 1_800_000_000_000;
+        let window = T0 / 60_000;
         assert_eq!(
-            decode_verify("3").map(|o| o.decision).ok(),
+            decode_verify("3", T0, 1).map(|o| o.decision).ok(),
             Some(Decision::NotFound)
         );
-        let revoked = decode_verify("4:acme:3:1").expect("revoked");
+        let revoked = decode_verify("4:acme:3:1", T0, 1).expect("revoked");
         assert_eq!(
             (revoked.decision, revoked.plan, revoked.rate_limit),
             (Decision::Revoked, Some(Plan::Free), None)
         );
-        let limited = decode_verify("8:acme:3:1:60:0:59000:61000").expect("limited");
+        // 60 of 60 used at the start of this window, asked 1 s later: the figures are
+        // `admit`'s from the window the script read.
+        let full = format!("8:acme:3:1:60:{window}:60:0");
+        let limited = decode_verify(&full, T0 + 1_000, 1).expect("limited");
         assert_eq!(
-            limited.rate_limit.and_then(|r| r.retry_after_ms),
-            Some(61_000)
-        );
-        let valid = decode_verify("1:acme:3:3:1000:999:42:-1").expect("valid");
-        assert_eq!(
-            valid
+            limited
                 .rate_limit
-                .map(|r| (r.limit, r.remaining, r.retry_after_ms)),
-            Some((1000, 999, None))
+                .map(|r| (r.limit, r.remaining, r.reset_after_ms, r.retry_after_ms)),
+            Some((60, 0, 59_000, Some(60_000)))
         );
-        for bad in ["", "x", "9", "1:acme", "1:a b:3:3", "1:acme:3:3:1000"] {
-            assert!(decode_verify(bad).is_err(), "{bad:?}");
+        // A key never counted (empty window) and one whose window field is unreadable both
+        // start from nothing, as in the script.
+        for fresh in ["1:acme:3:3:1000:", "1:acme:3:3:1000:junk"] {
+            let valid = decode_verify(fresh, T0, 1).expect("valid");
+            assert_eq!(
+                valid
+                    .rate_limit
+                    .map(|r| (r.limit, r.remaining, r.retry_after_ms)),
+                Some((1000, 999, None)),
+                "{fresh}"
+            );
+        }
+        for bad in [
+            "",
+            "x",
+            "9",
+            "1:acme",
+            "1:a b:3:3",
+            "1:acme:3:3:1000",
+            "1:acme:3:3:-5:",
+            "1:acme:3:3:x:",
+        ] {
+            assert!(decode_verify(bad, T0, 1).is_err(), "{bad:?}");
         }
     }
 

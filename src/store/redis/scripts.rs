@@ -40,11 +40,17 @@ pub const RECORD_FIELDS: [&str; 10] = ["s", "e", "n", "st", "ct", "lu", "x", "rt
 /// Reply: one string per verification, joined by `\n` (session ids cannot contain `:` or a
 /// newline; one bulk string parses far cheaper on the client than an array): `decision` for
 /// NOT_FOUND; `decision:session id:env:plan` for decisions that consume nothing;
-/// `decision:session id:env:plan:limit:remaining:reset_after_ms:retry_after_ms` (-1 = never)
-/// for VALID and RATE_LIMITED; in a batch, `E<message>` for a verification that failed (a
-/// corrupt record), so one bad record fails only its own call. A single verification's error
-/// is the script's error. The window arithmetic mirrors `domain::ratelimit::admit` line by
-/// line (the conformance tests hold them together).
+/// `decision:session id:env:plan:limit:window` for VALID and RATE_LIMITED, where `window` is
+/// the key's window field as it was *before* this call (`index:current:previous`, empty for a
+/// key never counted); in a batch, `E<message>` for a verification that failed (a corrupt
+/// record), so one bad record fails only its own call. A single verification's error is the
+/// script's error.
+///
+/// The script decides and counts; the caller derives remaining, reset and retry-after from
+/// the window it read, its own `now` and cost, with `domain::ratelimit::admit`, whose
+/// admission test the script mirrors line by line (the conformance tests hold them together).
+/// Lua 5.1 turns every number into text through `sprintf`, one call per value: building
+/// those four figures into the reply cost Redis ~5% of a verification.
 ///
 /// Verifications in one call run one after the other, exactly as separate calls would, so a
 /// batch changes nothing about limits: two verifications of one key in a batch see each
@@ -55,10 +61,11 @@ pub const RECORD_FIELDS: [&str; 10] = ["s", "e", "n", "st", "ct", "lu", "x", "rt
 /// EXPIRE a handful of times a day, not per call.
 ///
 /// Numbers never reach Lua's number-to-string conversion: decisions are kept as strings,
-/// increments are passed as `'1'`, and the reply and window are built with
-/// `string.format('%d')`. Lua 5.1 formats a number with `%.14g` and Redis a numeric
-/// `redis.call` argument with `%.17g`, and glibc's floating-point printing was the largest
-/// item in a perf profile of Redis running this script (~2 of its ~12 µs per call).
+/// increments are passed as `'1'`, the limit and window go back as the strings read, and the
+/// stored window is built with `string.format('%d')`. Lua 5.1 formats a number with `%.14g`
+/// and Redis a numeric `redis.call` argument with `%.17g`, and glibc's floating-point printing
+/// was the largest item in a perf profile of Redis running this script (~2 of its ~12 µs per
+/// call).
 pub static VERIFY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -82,7 +89,14 @@ local function one(kb, ab)
     redis.call('HSET', rec, 'lu', nows)
     reply = d .. ':' .. k[2] .. ':' .. k[3] .. ':' .. plan
   else
-    local limit = tonumber(crl) or tonumber(ARGV[tonumber(plan)]) or 0
+    -- The limit and the window as read go back as the strings they are: the caller derives
+    -- remaining, reset and retry from them with the same arithmetic (`ratelimit::admit`).
+    local ls = crl
+    if ls == '' then
+      local p = tonumber(plan)
+      ls = p <= 4 and ARGV[p] or '0'
+    end
+    local limit = tonumber(ls)
     local W = 60000
     local window = math.floor(now / W)
     local rw, rc, rp = string.match(k[6] or '', '^(%d+):(%d+):(%d+)$')
@@ -96,29 +110,14 @@ local function one(kb, ab)
       elseif rw == window - 1 then cur, prev = 0, rc
       else cur, prev = 0, 0 end
     end
-    local weight = W - elapsed
     local cost = tonumber(ARGV[ab + 3])
-    local ps = prev * weight
-    local retry = -1
     d = '8'
-    if (cur + cost) * W + ps <= limit * W then
+    if (cur + cost) * W + prev * (W - elapsed) <= limit * W then
       cur = cur + cost
       d = '1'
-    elseif cur + cost <= limit and prev > 0 then
-      retry = weight - math.floor((limit - cur - cost) * W / prev)
-    elseif cost <= limit then
-      local t = 0
-      if cur > 0 then
-        t = W - math.floor((limit - cost) * W / cur)
-        if t < 0 then t = 0 end
-      end
-      retry = weight + t
     end
-    local remaining = math.floor((limit * W - cur * W - ps) / W)
-    if remaining < 0 then remaining = 0 end
     redis.call('HSET', rec, 'lu', nows, 'w', string.format('%d:%d:%d', window, cur, prev))
-    reply = string.format('%s:%s:%s:%s:%d:%d:%d:%d', d, k[2], k[3], plan, limit, remaining,
-      weight, retry)
+    reply = d .. ':' .. k[2] .. ':' .. k[3] .. ':' .. plan .. ':' .. ls .. ':' .. (k[6] or '')
   end
   if redis.call('HINCRBY', KEYS[kb + 3], 'd' .. d, '1') == 1 then
     redis.call('EXPIRE', KEYS[kb + 3], ARGV[ab + 5])
