@@ -5,7 +5,9 @@
 //! and keys, then drives closed-loop gRPC load: `--concurrency` requests in flight over
 //! `--connections` HTTP/2 connections for `--duration` per scenario, after a warm-up. For each
 //! scenario it prints throughput, p50/p90/p99/p99.9 latency, the service's CPU microseconds per
-//! call (from /proc) and Redis commands and round trips per call (from INFO commandstats).
+//! call (from /proc), Redis's and its own, Redis commands and round trips per call (from INFO
+//! commandstats), and how much of the machine's CPU sat idle (from /proc/stat): idle time with
+//! calls in flight means the three processes were waiting on one another, not on the CPU.
 //!
 //! Every ratio is measured within the same run: VerifyKey's throughput is divided by the
 //! throughput of the same server's empty RPC (`grpc.health.v1.Health/Check`), the gRPC ceiling
@@ -18,7 +20,8 @@
 //! their ratio.
 //!
 //! Options (after `--`): `--duration 10s --warmup 2s --concurrency 64 --connections 4
-//! --keys 1000 --memory-keys 100000 --slices 5 --only <scenario substring>`.
+//! --keys 1000 --memory-keys 100000 --slices 5 --redis-pool-size 2 --worker-threads 0
+//! --loadgen-threads 0 --only <scenario substring, or =exact name; several separated by ;>`.
 
 #[path = "../tests/common/process.rs"]
 mod process;
@@ -41,9 +44,6 @@ use tonic::transport::Channel;
 const ADMIN: &str = "skt_bench-admin-token-0123456789abcdef";
 const SERVICE: &str = "skt_bench-service-token-0123456789abcd";
 const PEPPER: &str = "bench-pepper-0123456789abcdef-0123456789";
-/// The scenarios of the Redis-store server with one worker thread.
-const ONE_WORKER_CEILING: &str = "empty RPC (health), redis server, 1 worker thread";
-const ONE_WORKER_VERIFY: &str = "VerifyKey VALID, redis store, 1 worker thread";
 /// A string shaped like a live key whose checksum is wrong: answered MALFORMED locally.
 const MALFORMED_KEY: &str = "sk_live_notAKeyAtAll0000000000000000000000000000";
 
@@ -605,17 +605,6 @@ async fn run(args: Args) {
         &[("SENDABLE_KEYS_REDIS_BATCHING", "false")],
     );
     let unbatched_channels = unbatched.channels(args.connections).await;
-    // The default with one worker thread (SENDABLE_KEYS_WORKER_THREADS=1): how the service is
-    // best sized on a box whose cores it shares with Redis and its callers, as here. It
-    // verifies the default server's keys (same Redis, same pepper).
-    let one_worker = Service::start_with(
-        "redis, 1 worker thread",
-        Some(&url),
-        args.redis_pool_size,
-        1,
-        &[],
-    );
-    let one_worker_channels = one_worker.channels(args.connections).await;
     let unbatched_sessions: Vec<String> =
         (0..100).map(|i| format!("bench-unbatched-{i}")).collect();
     for s in &unbatched_sessions {
@@ -661,18 +650,6 @@ async fn run(args: Args) {
                 Arc::new(verify_call(unbatched_keys.clone(), &[pb::Decision::Valid])),
                 &unbatched,
                 &unbatched_channels,
-            ));
-            pair.push((
-                ONE_WORKER_CEILING.to_owned(),
-                Arc::new(health_call()),
-                &one_worker,
-                &one_worker_channels,
-            ));
-            pair.push((
-                ONE_WORKER_VERIFY.to_owned(),
-                Arc::new(verify_call(keys.clone(), &[pb::Decision::Valid])),
-                &one_worker,
-                &one_worker_channels,
             ));
         }
         pair.retain(|(name, ..)| wanted(&args, name));
@@ -786,21 +763,6 @@ async fn run(args: Args) {
             "VerifyKey VALID, redis store",
             "empty RPC (health), redis server"
         )
-    );
-    // The 1-worker server's ceiling is its own and may be lower than the default's; dividing by
-    // the higher of the two keeps a lower ceiling from flattering the ratio.
-    let best_ceiling = ["empty RPC (health), redis server", ONE_WORKER_CEILING]
-        .iter()
-        .filter_map(|name| report.rate(name))
-        .fold(None, |best: Option<f64>, r| {
-            Some(best.map_or(r, |b| b.max(r)))
-        });
-    println!(
-        "| VerifyKey on Redis, 1 worker thread / the higher empty-RPC ceiling of the two Redis servers | {} | ≥ 0.60x |",
-        match (report.rate(ONE_WORKER_VERIFY), best_ceiling) {
-            (Some(v), Some(c)) => format!("{:.2}x", v / c),
-            _ => "—".to_owned(),
-        }
     );
     println!(
         "| VerifyKey on Redis, batching off / empty RPC | {} | |",
