@@ -3,17 +3,36 @@
 //! process runs) and `/readyz` (200 only while the gRPC health reports SERVING: the store
 //! answers and the server is not shutting down). Kept off the gRPC port so probes and scrapes
 //! need no credentials and never compete with VerifyKey's connection limits.
+//!
+//! Connections are served by hyper directly rather than `axum::serve`, which sets no timer: a
+//! client that opens a connection and never finishes its request headers would hold a socket
+//! and a task for as long as it liked. Here it has [`HEADER_READ_TIMEOUT`], which also closes
+//! keep-alive connections left idle that long.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
+
+/// How long a client has to send a request's headers (and how long a keep-alive connection may
+/// sit idle) in production. Probes and scrapes send theirs at once; a Prometheus scrape
+/// interval is longer, so a scraper reconnects per scrape, which costs little.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pause after a failed accept (out of file descriptors, say) before the next, so a full
+/// descriptor table does not turn the accept loop into a busy loop.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Readiness as the admin endpoints see it; written by the health watcher.
 #[derive(Clone, Debug, Default)]
@@ -62,11 +81,13 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     }
 }
 
-/// Serves the admin endpoints until `shutdown` completes.
+/// Serves the admin endpoints until `shutdown` completes; a client must send each request's
+/// headers within `header_read_timeout` ([`HEADER_READ_TIMEOUT`] in production).
 pub async fn serve(
     listener: TcpListener,
     ready: Readiness,
     metrics_handle: Option<PrometheusHandle>,
+    header_read_timeout: Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
@@ -77,7 +98,116 @@ pub async fn serve(
             ready,
             metrics: metrics_handle,
         });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let service = TowerToHyperService::new(app.clone());
+                    let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                    // A connection's own error (reset, header timeout) concerns only that client.
+                    tokio::spawn(async move {
+                        let _ = connection.await;
+                    });
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "admin listener could not accept a connection");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+            () = &mut shutdown => break,
+        }
+    }
+    // No new connections; open ones finish the request they are serving, then close (the
+    // caller bounds how long that may take).
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// An admin server on a free port with a short header timeout, and what stops it.
+    async fn start(
+        header_read_timeout: Duration,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let ready = Readiness::default();
+        ready.set(true);
+        let server = tokio::spawn(serve(listener, ready, None, header_read_timeout, async {
+            let _ = stopped.await;
+        }));
+        (addr, stop, server)
+    }
+
+    /// Reads until the server closes the connection (or `limit` passes: then `None`).
+    async fn read_to_close(stream: &mut TcpStream, limit: Duration) -> Option<String> {
+        let mut out = Vec::new();
+        tokio::time::timeout(limit, stream.read_to_end(&mut out))
+            .await
+            .ok()?
+            .ok()?;
+        Some(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+        let (addr, _stop, _server) = start(Duration::from_millis(300)).await;
+        let mut slow = TcpStream::connect(addr).await.expect("connect");
+        slow.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("write");
+        // Without a header timeout the server waits for the rest for ever.
+        let answer = read_to_close(&mut slow, Duration::from_secs(10)).await;
+        assert!(answer.is_some(), "connection still open after 10 s");
+        // A client that does send its request is served as before.
+        let mut prompt = TcpStream::connect(addr).await.expect("connect");
+        prompt
+            .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let answer = read_to_close(&mut prompt, Duration::from_secs(10))
+            .await
+            .expect("answered and closed");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("ready\n"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_idle_keep_alive_connections_and_returns() {
+        let (addr, stop, server) = start(HEADER_READ_TIMEOUT).await;
+        let mut idle = TcpStream::connect(addr).await.expect("connect");
+        idle.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut first = [0u8; 12];
+        idle.read_exact(&mut first).await.expect("response");
+        assert_eq!(&first, b"HTTP/1.1 200");
+        // The connection stays open (keep-alive) until shutdown closes it.
+        stop.send(()).expect("server running");
+        let stopped = tokio::time::timeout(Duration::from_secs(5), server).await;
+        assert!(
+            matches!(stopped, Ok(Ok(Ok(())))),
+            "server did not stop: {stopped:?}"
+        );
+        assert!(
+            read_to_close(&mut idle, Duration::from_secs(5))
+                .await
+                .is_some()
+        );
+    }
 }

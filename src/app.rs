@@ -418,6 +418,7 @@ async fn run_with<S: Store>(
         admin_listener,
         readiness.clone(),
         metrics_handle,
+        crate::admin::HEADER_READ_TIMEOUT,
         async {
             let _ = admin_stopped.await;
         },
@@ -437,7 +438,7 @@ async fn run_with<S: Store>(
     let result = serve(keys, listener, options, shutdown_signal()).await;
     // The admin listener outlives the drain, so probes read NOT_SERVING until the end.
     let _ = admin_stop.send(());
-    // axum's graceful shutdown waits for responses in progress; a scraper that stopped
+    // The admin server's graceful shutdown waits for responses in progress; a scraper that stopped
     // reading one would keep the process alive until SIGKILL. The drain is over by now.
     let mut admin = admin;
     if tokio::time::timeout(ADMIN_SHUTDOWN_GRACE, &mut admin)
