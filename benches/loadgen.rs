@@ -388,9 +388,10 @@ where
         redis_cpu,
         loadgen_cpu,
         redis,
+        // The kernel's idle counters can step back a little; never wrap.
         idle: (
-            machine_after.0 - machine_before.0,
-            machine_after.1 - machine_before.1,
+            machine_after.0.saturating_sub(machine_before.0),
+            machine_after.1.saturating_sub(machine_before.1),
         ),
     }
 }
@@ -539,10 +540,12 @@ fn verify_call(
 
 fn wanted(args: &Args, name: &str) -> bool {
     args.only.as_deref().is_none_or(|only| {
-        only.split(';').any(|part| match part.strip_prefix('=') {
-            Some(exact) => name == exact,
-            None => name.contains(part),
-        })
+        only.split(';')
+            .filter(|part| !part.is_empty())
+            .any(|part| match part.strip_prefix('=') {
+                Some(exact) => name == exact,
+                None => name.contains(part),
+            })
     })
 }
 

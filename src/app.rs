@@ -445,6 +445,7 @@ async fn run_with<S: Store>(
         .await
         .is_err()
     {
+        // Aborting the server's task drops its connections' tasks with it.
         tracing::warn!("admin HTTP connections still open after shutdown; closing them");
         admin.abort();
     }

@@ -69,6 +69,9 @@ pub fn metrics() -> Result<PrometheusHandle, String> {
         .clone()
 }
 
+/// Lines a throttled site writes per second.
+pub const THROTTLED_LINES_PER_SECOND: u64 = 10;
+
 /// Bounds how often a log line is written that every failing request would otherwise write.
 ///
 /// During a Redis outage every VerifyKey fails, and a scanner without a token is refused as
@@ -76,9 +79,6 @@ pub fn metrics() -> Result<PrometheusHandle, String> {
 /// workers contending for stdout. A throttled site writes at most `per_second` lines in each
 /// second and counts the rest; the next line written carries that count (`suppressed`). The
 /// metrics count every request regardless.
-/// Lines a throttled site writes per second.
-pub const THROTTLED_LINES_PER_SECOND: u64 = 10;
-
 pub struct Throttle {
     per_second: u64,
     /// The second (since the process's first throttled line) the count belongs to.

@@ -966,18 +966,33 @@ async fn calls_on_an_unknown_session_write_nothing(backend: Backend) {
 
 /// The in-memory store decides and counts in Rust; Redis decides in its script, and the service
 /// derives the remaining count, reset and retry-after from the window the script read. Random
-/// traffic (costs 1-5, clock steps forward and now and then back, as between replicas) must get
-/// the very same answers from all three stores, figure for figure.
+/// traffic must get the very same answers from all three stores, figure for figure: two keys
+/// (a plan's default limit of 60, a custom limit of 7), costs 1-5 and now and then above the
+/// limit, the clock mostly stepping forward, sometimes by windows, and sometimes back across a
+/// window boundary (replicas' clocks differ), so the stored window is ahead of `now`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_store_gives_the_same_rate_limit_answers() {
     let mut servers = Vec::new();
     for backend in [Backend::Memory, Backend::Redis, Backend::Cluster] {
         let server = TestServer::start(backend).await;
         let mut c = server.keys();
-        let id = unique_session("same");
-        create_session(&mut c, &id, pb::Plan::Free, pb::Environment::Live).await;
-        let (_, secret) = create_key(&mut c, &id).await;
-        servers.push((server, c, secret));
+        let free = unique_session("same-free");
+        create_session(&mut c, &free, pb::Plan::Free, pb::Environment::Live).await;
+        let custom = unique_session("same-custom");
+        c.create_session(pb::CreateSessionRequest {
+            session_id: custom.clone(),
+            environment: pb::Environment::Live as i32,
+            plan: pb::Plan::Enterprise as i32,
+            custom_rate_limit_per_minute: Some(7),
+            custom_max_keys: None,
+        })
+        .await
+        .expect("custom session");
+        let secrets = [
+            create_key(&mut c, &free).await.1,
+            create_key(&mut c, &custom).await.1,
+        ];
+        servers.push((server, c, secrets));
     }
     let mut rng_state = 0x0dd5_eed5_u64;
     let mut next = move || {
@@ -986,20 +1001,29 @@ async fn every_store_gives_the_same_rate_limit_answers() {
         rng_state ^= rng_state << 17;
         rng_state
     };
-    let (mut now, mut limited, mut valid) = (T0, 0, 0);
-    for step in 0..400 {
+    let (mut now, mut latest) = (T0, T0);
+    let (mut valid, mut limited, mut behind, mut too_costly) = (0, 0, 0, 0);
+    for step in 0..600 {
         now += match next() % 20 {
-            0 => -((next() % 5_000) as i64),
-            1 => (next() % 90_000) as i64,
-            _ => (next() % 700) as i64,
+            0 => -((next() % 90_000) as i64),
+            1 => (next() % 150_000) as i64,
+            _ => (next() % 3_000) as i64,
         };
-        let cost = (next() % 5 + 1) as u32;
+        let key = (next() % 2) as usize;
+        let limit = [60, 7][key];
+        let cost = match next() % 25 {
+            0 => limit + 1 + (next() % 5) as u32,
+            _ => (next() % 5 + 1) as u32,
+        };
+        behind += usize::from(now.div_euclid(MINUTE) < latest.div_euclid(MINUTE));
+        too_costly += usize::from(cost > limit);
+        latest = latest.max(now);
         let mut answers = Vec::new();
-        for (server, c, secret) in &mut servers {
+        for (server, c, secrets) in &mut servers {
             server.clock.set(now);
             let response = c
                 .verify_key(pb::VerifyKeyRequest {
-                    key: secret.clone(),
+                    key: secrets[key].clone(),
                     expected_environment: 0,
                     cost,
                 })
@@ -1016,10 +1040,16 @@ async fn every_store_gives_the_same_rate_limit_answers() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    // The traffic exercised both sides of the limit.
+    // The traffic exercised both sides of the limit, a clock behind a stored window, and costs
+    // no window can ever admit.
     assert!(
         valid > 50 && limited > 50,
         "valid {valid}, limited {limited}"
+    );
+    assert!(behind >= 5, "clock behind a window only {behind} times");
+    assert!(
+        too_costly >= 5,
+        "cost above the limit only {too_costly} times"
     );
 }
 

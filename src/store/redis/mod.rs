@@ -593,7 +593,7 @@ fn parse_window(packed: Option<&str>) -> StoreResult<WindowState> {
     let mut parts = packed.split(':').map(str::parse::<u64>);
     match (parts.next(), parts.next(), parts.next(), parts.next()) {
         (Some(Ok(window)), Some(Ok(current)), Some(Ok(previous)), None) => Ok(WindowState {
-            window: window as i64,
+            window: i64::try_from(window).map_err(|_| corrupt("window"))?,
             current,
             previous,
         }),
@@ -1017,9 +1017,17 @@ fn decode_verify(reply: &str, now: Millis, cost: u32) -> StoreResult<VerifyOutco
         Err(_) => None,
         Ok(limit) => {
             let limit = limit.parse::<u32>().map_err(|_| bad())?;
-            // A window field the script could not read counts from zero there, and here.
+            // Empty: a key never counted, or a field the script could not read (it counted
+            // from zero). A window the script read but this side cannot is an error, never a
+            // decision paired with figures from another state.
             let field = next()?;
-            let window = parse_window(Some(field).filter(|f| !f.is_empty())).unwrap_or_default();
+            let window = if field.is_empty() {
+                WindowState::default()
+            } else if field.bytes().all(|b| b.is_ascii_digit() || b == b':') {
+                parse_window(Some(field))?
+            } else {
+                return Err(bad());
+            };
             let mut rate = ratelimit::admit(window, now, limit, cost).rate;
             if decision != Decision::RateLimited {
                 rate.retry_after_ms = None;
@@ -1447,18 +1455,15 @@ mod tests {
                 .map(|r| (r.limit, r.remaining, r.reset_after_ms, r.retry_after_ms)),
             Some((60, 0, 59_000, Some(60_000)))
         );
-        // A key never counted (empty window) and one whose window field is unreadable both
-        // start from nothing, as in the script.
-        for fresh in ["1:acme:3:3:1000:", "1:acme:3:3:1000:junk"] {
-            let valid = decode_verify(fresh, T0, 1).expect("valid");
-            assert_eq!(
-                valid
-                    .rate_limit
-                    .map(|r| (r.limit, r.remaining, r.retry_after_ms)),
-                Some((1000, 999, None)),
-                "{fresh}"
-            );
-        }
+        // A key never counted, or one whose window the script could not read (it sends an
+        // empty window then), starts from nothing.
+        let valid = decode_verify("1:acme:3:3:1000:", T0, 1).expect("valid");
+        assert_eq!(
+            valid
+                .rate_limit
+                .map(|r| (r.limit, r.remaining, r.retry_after_ms)),
+            Some((1000, 999, None))
+        );
         for bad in [
             "",
             "x",
@@ -1468,6 +1473,12 @@ mod tests {
             "1:acme:3:3:1000",
             "1:acme:3:3:-5:",
             "1:acme:3:3:x:",
+            // Windows the script would never send back.
+            "1:acme:3:3:1000:junk",
+            "1:acme:3:3:1000:+1:2:3",
+            "1:acme:3:3:1000:1:2",
+            "1:acme:3:3:1000:99999999999999999999:1:1",
+            "1:acme:3:3:1000:9223372036854775808:1:1",
         ] {
             assert!(decode_verify(bad, T0, 1).is_err(), "{bad:?}");
         }
