@@ -6,8 +6,8 @@ mod common;
 use std::collections::HashSet;
 
 use common::{
-    Backend, T0, TestServer, bad_fields, create_key, create_session, decision, reason,
-    unique_session, verify,
+    Backend, T0, TestServer, bad_fields, create_enterprise_session, create_key, create_session,
+    decision, reason, unique_session, verify,
 };
 use sendable_keys::grpc::pb;
 use tonic::Code;
@@ -979,15 +979,7 @@ async fn every_store_gives_the_same_rate_limit_answers() {
         let free = unique_session("same-free");
         create_session(&mut c, &free, pb::Plan::Free, pb::Environment::Live).await;
         let custom = unique_session("same-custom");
-        c.create_session(pb::CreateSessionRequest {
-            session_id: custom.clone(),
-            environment: pb::Environment::Live as i32,
-            plan: pb::Plan::Enterprise as i32,
-            custom_rate_limit_per_minute: Some(7),
-            custom_max_keys: None,
-        })
-        .await
-        .expect("custom session");
+        create_enterprise_session(&mut c, &custom, 7).await;
         let secrets = [
             create_key(&mut c, &free).await.1,
             create_key(&mut c, &custom).await.1,

@@ -5,7 +5,8 @@
 mod common;
 
 use common::{
-    Backend, T0, TestServer, bad_fields, create_key, create_session, unique_session, verify,
+    Backend, T0, TestServer, bad_fields, create_enterprise_session, create_key, create_session,
+    unique_session, verify,
 };
 use sendable_keys::grpc::pb;
 use sendable_keys::service::Settings;
@@ -68,15 +69,7 @@ async fn verifications_are_counted_per_decision(backend: Backend) {
     let server = TestServer::start(backend).await;
     let mut c = server.keys();
     let id = unique_session("counts");
-    c.create_session(pb::CreateSessionRequest {
-        session_id: id.clone(),
-        environment: pb::Environment::Live as i32,
-        plan: pb::Plan::Enterprise as i32,
-        custom_rate_limit_per_minute: Some(5),
-        custom_max_keys: None,
-    })
-    .await
-    .expect("session");
+    create_enterprise_session(&mut c, &id, 5).await;
     let (key, secret) = create_key(&mut c, &id).await;
     for _ in 0..7 {
         verify(&mut c, &secret).await; // 5 VALID, 2 RATE_LIMITED
@@ -525,15 +518,7 @@ async fn traffic_spike_compares_five_minutes_with_the_hour_before(backend: Backe
     let server = TestServer::start(backend).await;
     let mut c = server.keys();
     let id = unique_session("spike");
-    c.create_session(pb::CreateSessionRequest {
-        session_id: id.clone(),
-        environment: pb::Environment::Live as i32,
-        plan: pb::Plan::Enterprise as i32,
-        custom_rate_limit_per_minute: Some(100_000),
-        custom_max_keys: None,
-    })
-    .await
-    .expect("session");
+    create_enterprise_session(&mut c, &id, 100_000).await;
     let (key, secret) = create_key(&mut c, &id).await;
     // Baseline: 20 requests a minute for an hour (minutes 0-59).
     for minute in 0..60 {

@@ -368,6 +368,25 @@ pub async fn create_session(
         .into_inner()
 }
 
+/// A live Enterprise session with its own rate limit (and the plan's key limit).
+pub async fn create_enterprise_session(
+    client: &mut KeyServiceClient<Channel>,
+    id: &str,
+    rate_limit_per_minute: u32,
+) -> pb::Session {
+    client
+        .create_session(pb::CreateSessionRequest {
+            session_id: id.to_owned(),
+            environment: pb::Environment::Live as i32,
+            plan: pb::Plan::Enterprise as i32,
+            custom_rate_limit_per_minute: Some(rate_limit_per_minute),
+            custom_max_keys: None,
+        })
+        .await
+        .expect("create enterprise session")
+        .into_inner()
+}
+
 pub async fn create_key(
     client: &mut KeyServiceClient<Channel>,
     session: &str,
