@@ -1,14 +1,25 @@
 //! Verification batching on Redis (`src/store/redis/batch.rs`): concurrent VerifyKey calls
 //! share script calls, a batch spanning shards is split where a cluster requires it, and
-//! sharing one never lets one call's failure reach another's answer.
+//! sharing one never lets one call's failure reach another's answer, nor one call's minute
+//! another's window or counters.
 //! Exactness under concurrency (1000 parallel calls on a 60/min key) is in `key_service.rs`;
 //! script calls per call on an otherwise idle Redis are in `redis_costs.rs`.
 
 mod common;
 
-use common::{Backend, TestServer, create_key, create_session, decision, unique_session};
+use common::{
+    Backend, T0, TestServer, create_key, create_session, decision, unique_prefix, unique_session,
+};
 use futures_util::future::join_all;
+use rand::RngCore;
+use sendable_keys::domain::{
+    Environment, HASH_VERSION, KeyHash, KeyId, KeyRecord, KeyState, Plan, SessionId, SessionRecord,
+    UtcDate,
+};
 use sendable_keys::grpc::pb;
+use sendable_keys::store::memory::MemoryStore;
+use sendable_keys::store::redis::RedisStore;
+use sendable_keys::store::{InsertKey, KeyStore, NewKey, SessionStore, UsageStore, VerifyRequest};
 use tonic::Code;
 
 /// A key record overwritten with a string (a corrupt or foreign value under our prefix) makes
@@ -121,6 +132,138 @@ async fn verifications_across_sessions_in_flight_together_all_answer(backend: Ba
     }
 }
 
+/// The script reads the rate-limit window, the minute counters' field and the counters' TTLs
+/// once per script call, so the verifications of one flush whose clocks fall in different
+/// minutes (a flush across a minute boundary, or replicas whose clocks disagree) must go in
+/// separate script calls. Twelve keys are verified once per round, all twelve in flight
+/// together (one flush), each at its own time, spread over three minutes; a key's answers
+/// depend only on its own calls, so every answer, and afterwards every key's window, minute
+/// counters and day counters, must be the in-memory store's.
+async fn verifications_of_different_minutes_in_one_flush_answer_for_their_own(backend: Backend) {
+    let redis =
+        RedisStore::new(&common::redis_config(backend, &unique_prefix())).expect("redis store");
+    let memory = MemoryStore::new();
+    let session = SessionRecord {
+        id: SessionId::parse(&unique_session("minutes")).expect("session id"),
+        environment: Environment::Live,
+        plan: Plan::Enterprise,
+        enabled: true,
+        custom_rate_limit: Some(7),
+        custom_max_keys: None,
+        create_ms: T0,
+        update_ms: T0,
+        version: 1,
+        active_keys: 0,
+    };
+    assert!(redis.create_session(&session).await.expect("session"));
+    assert!(memory.create_session(&session).await.expect("session"));
+    let mut rng = rand::rng();
+    let mut keys = Vec::new();
+    for _ in 0..12 {
+        let record = KeyRecord {
+            id: KeyId::generate_in_shard(session.id.shard(), &mut rng),
+            session_id: session.id.clone(),
+            environment: Environment::Live,
+            name: String::new(),
+            state: KeyState::Active,
+            create_ms: T0,
+            last_used_ms: None,
+            expire_ms: None,
+            revoke_ms: None,
+            revoke_reason: String::new(),
+            replaced_by: None,
+        };
+        let mut hash = [0u8; 32];
+        rng.fill_bytes(&mut hash);
+        let new = NewKey {
+            record: &record,
+            hash: KeyHash(hash),
+            hash_version: HASH_VERSION,
+        };
+        for inserted in [
+            redis.insert_key(new, [0; 4], T0).await,
+            memory.insert_key(new, [0; 4], T0).await,
+        ] {
+            assert!(
+                matches!(inserted, Ok(InsertKey::Created { .. })),
+                "{inserted:?}"
+            );
+        }
+        keys.push((record.id, KeyHash(hash)));
+    }
+
+    let mut state = 0x5eed_1234_u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let (mut valid, mut limited) = (0, 0);
+    let mut last = T0;
+    for round in 0..30_i64 {
+        let requests: Vec<VerifyRequest> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, (id, hash))| VerifyRequest {
+                key_id: *id,
+                hash: *hash,
+                hash_version: HASH_VERSION,
+                expected_environment: None,
+                cost: (next() % 3 + 1) as u32,
+                // Rounds 20 s apart; within one, 9 s between keys: three minutes per flush.
+                now: T0 + round * 20_000 + i as i64 * 9_000 + (next() % 1_000) as i64,
+                plan_rate_limits: [60, 600, 6000, 0],
+                usage_retention_days: 90,
+            })
+            .collect();
+        last = last.max(requests.iter().map(|r| r.now).max().unwrap_or(T0));
+        let mut expected = Vec::new();
+        for request in &requests {
+            expected.push(memory.verify(request).await.expect("memory verify"));
+        }
+        let got = join_all(requests.iter().map(|r| redis.verify(r))).await;
+        for (i, (got, expected)) in got.into_iter().zip(expected).enumerate() {
+            assert_eq!(
+                got.expect("redis verify"),
+                expected,
+                "round {round}, key {i}"
+            );
+            match expected.decision {
+                sendable_keys::domain::Decision::Valid => valid += 1,
+                sendable_keys::domain::Decision::RateLimited => limited += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert!(
+        valid > 50 && limited > 50,
+        "valid {valid}, limited {limited}"
+    );
+
+    let ids: Vec<KeyId> = keys.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(
+        redis
+            .recent_activity(&ids, last, 65)
+            .await
+            .expect("redis activity"),
+        memory
+            .recent_activity(&ids, last, 65)
+            .await
+            .expect("memory activity"),
+        "windows and minute counters"
+    );
+    let day = UtcDate::from_millis(T0);
+    assert_eq!(
+        redis.usage_days(&ids, day, day).await.expect("redis days"),
+        memory
+            .usage_days(&ids, day, day)
+            .await
+            .expect("memory days"),
+        "day counters"
+    );
+}
+
 mod memory {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn verifications_across_sessions_in_flight_together_all_answer() {
@@ -132,6 +275,14 @@ mod memory {
 }
 
 mod redis {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn verifications_of_different_minutes_in_one_flush_answer_for_their_own() {
+        super::verifications_of_different_minutes_in_one_flush_answer_for_their_own(
+            crate::common::Backend::Redis,
+        )
+        .await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn verifications_across_sessions_in_flight_together_all_answer() {
         super::verifications_across_sessions_in_flight_together_all_answer(
@@ -148,6 +299,14 @@ mod redis {
 }
 
 mod cluster {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn verifications_of_different_minutes_in_one_flush_answer_for_their_own() {
+        super::verifications_of_different_minutes_in_one_flush_answer_for_their_own(
+            crate::common::Backend::Cluster,
+        )
+        .await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn verifications_across_sessions_in_flight_together_all_answer() {
         super::verifications_across_sessions_in_flight_together_all_answer(

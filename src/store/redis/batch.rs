@@ -46,8 +46,14 @@ pub(super) struct Job {
     pub now: Millis,
     pub cost: u32,
     pub environment: u8,
+    /// The minute `now` falls in (minutes since the epoch): the rate-limit window, and which
+    /// usage-day and minute hashes `names` are. Shared by a script call.
+    pub window: i64,
+    /// Usage retention, which the day hash's TTL derives from. Shared by a script call.
+    pub retention_days: u32,
+    /// TTLs (s) from `now` of the day hash and the minute hash, if this call creates them.
+    /// A script call uses the shortest in its group: that of its latest `now`.
     pub day_ttl: i64,
-    pub minute: i64,
     pub minute_ttl: i64,
     /// The plan table's default limits: shared by a script call, so jobs with different
     /// tables (a plans reload between two calls) never share one.
@@ -55,6 +61,18 @@ pub(super) struct Job {
     /// Cluster slot group: jobs of different shards never share a call in a cluster.
     pub shard: u16,
     pub reply: oneshot::Sender<Result<String, Failure>>,
+}
+
+impl Job {
+    /// What every job of one script call must have in common (besides its shard in a
+    /// cluster): the script reads these once per call.
+    fn call_key(&self) -> ([u32; 4], i64, u32) {
+        (self.plan_limits, self.window, self.retention_days)
+    }
+
+    fn shares_call(&self, other: &Job, cluster: bool) -> bool {
+        self.call_key() == other.call_key() && (!cluster || self.shard == other.shard)
+    }
 }
 
 /// Why a job got no answer.
@@ -143,21 +161,17 @@ async fn flush(
     timeout: Duration,
     in_flight: Arc<AtomicUsize>,
 ) {
-    // Group jobs that may share a call; a stable sort keeps each key's calls in arrival order.
-    if cluster {
-        jobs.sort_by_key(|j| (j.shard, j.plan_limits));
-    } else {
-        jobs.sort_by_key(|j| j.plan_limits);
-    }
+    // Group jobs that may share a call (see `Job::shares_call`); a stable sort keeps each
+    // key's calls in arrival order.
+    jobs.sort_by_key(|j| (if cluster { j.shard } else { 0 }, j.call_key()));
     let mut calls = Vec::new();
     let mut rest = jobs.into_iter().peekable();
     while let Some(first) = rest.next() {
         let mut group = vec![first];
         while group.len() < MAX_BATCH
-            && rest.peek().is_some_and(|next| {
-                next.plan_limits == group[0].plan_limits
-                    && (!cluster || next.shard == group[0].shard)
-            })
+            && rest
+                .peek()
+                .is_some_and(|next| next.shares_call(&group[0], cluster))
         {
             group.extend(rest.next());
         }
@@ -215,22 +229,27 @@ async fn call(
     }
 }
 
-/// The EVALSHA for `jobs` (all with the same plan limits): see the VERIFY script's layout.
+/// The EVALSHA for `jobs` (non-empty, all sharing a call: `Job::shares_call`): see the VERIFY
+/// script's layout.
 fn command(jobs: &[Job]) -> Cmd {
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(scripts::VERIFY.get_hash()).arg(jobs.len() * 4);
     for job in jobs {
         cmd.arg(&job.names[..]);
     }
-    cmd.arg(&jobs[0].plan_limits[..]);
+    let day_ttl = jobs.iter().map(|j| j.day_ttl).min().unwrap_or(1);
+    let minute_ttl = jobs.iter().map(|j| j.minute_ttl).min().unwrap_or(1);
+    let window = jobs.first().map_or(0, |j| j.window);
+    cmd.arg(jobs.first().map_or(&[0; 4][..], |j| &j.plan_limits[..]))
+        .arg(day_ttl)
+        .arg(window.rem_euclid(60))
+        .arg(minute_ttl)
+        .arg(window);
     for job in jobs {
         cmd.arg(&job.hash[..])
             .arg(job.now)
             .arg(job.cost)
-            .arg(job.environment)
-            .arg(job.day_ttl)
-            .arg(job.minute)
-            .arg(job.minute_ttl);
+            .arg(job.environment);
     }
     cmd
 }

@@ -30,27 +30,27 @@ pub const RECORD_FIELDS: [&str; 10] = ["s", "e", "n", "st", "ct", "lu", "x", "rt
 
 /// VerifyKey, for one verification or a batch of them in one call.
 ///
-/// ARGV[1..4] the default rate limit of plans 1..4 (0 = none). Then, per verification `i`
-/// (from 0), four KEYS from `4i + 1`: the key record, the shard's session table, the key's
-/// usage hash for today, its per-minute request counters for this hour; and seven ARGV from
-/// `4 + 7i + 1`: presented hash (version byte + 32 bytes), now (ms), cost, expected
-/// environment code (0 = any), TTL (s) of today's usage hash, minute of the hour, TTL (s) of
-/// this hour's minute counters.
+/// ARGV[1..4] the default rate limit of plans 1..4 (0 = none); ARGV[5] TTL (s) of the usage
+/// hashes for today; ARGV[6] minute of the hour; ARGV[7] TTL (s) of this hour's minute
+/// counters; ARGV[8] the current window's index (minutes since the epoch). Those are shared by
+/// every verification in the call (the caller groups verifications by minute). Then, per
+/// verification `i` (from 0), four KEYS from `4i + 1`: the key record, the shard's session
+/// table, the key's usage hash for today, its per-minute request counters for this hour; and
+/// four ARGV from `8 + 4i + 1`: presented hash (version byte + 32 bytes), now (ms), cost,
+/// expected environment code (0 = any).
 ///
 /// Reply: one string per verification, joined by `\n` (session ids cannot contain `:` or a
 /// newline; one bulk string parses far cheaper on the client than an array): `decision` for
 /// NOT_FOUND; `decision:session id:env:plan` for decisions that consume nothing;
 /// `decision:session id:env:plan:limit:window` for VALID and RATE_LIMITED, where `window` is
 /// the key's window field as it was *before* this call (`index:current:previous`; empty for a
-/// key never counted, and for a field the script could not read, which it counts from zero); in a batch, `E<message>` for a verification that failed (a corrupt
-/// record), so one bad record fails only its own call. A single verification's error is the
-/// script's error.
+/// key never counted, and for a field the script could not read, which it counts from zero);
+/// in a batch, `E<message>` for a verification that failed (a corrupt record), so one bad
+/// record fails only its own call. A single verification's error is the script's error.
 ///
 /// The script decides and counts; the caller derives remaining, reset and retry-after from
 /// the window it read, its own `now` and cost, with `domain::ratelimit::admit`, whose
 /// admission test the script mirrors line by line (the conformance tests hold them together).
-/// Lua 5.1 turns every number into text through `sprintf`, one call per value: building
-/// those four figures into the reply was ~7% of Redis's instructions per verification.
 ///
 /// Verifications in one call run one after the other, exactly as separate calls would, so a
 /// batch changes nothing about limits: two verifications of one key in a batch see each
@@ -60,28 +60,41 @@ pub const RECORD_FIELDS: [&str; 10] = ["s", "e", "n", "st", "ct", "lu", "x", "rt
 /// TTLs are set only when a counter is created (HINCRBY answered 1), so a busy key pays for
 /// EXPIRE a handful of times a day, not per call.
 ///
-/// Numbers never reach Lua's number-to-string conversion: decisions are kept as strings,
-/// increments are passed as `'1'`, the limit and window go back as the strings read, and the
-/// stored window is built with `string.format('%d')`. Lua 5.1 formats a number with `%.14g`
-/// and Redis a numeric `redis.call` argument with `%.17g`, and glibc's floating-point printing
-/// was the largest item in a perf profile of Redis running this script (~2 of its ~12 µs per
-/// call).
+/// Where Redis's instructions go, and why the script is written the way it is (callgrind on
+/// `redis-server`, BENCHMARKS.md): every Lua string is interned (hashed, looked up, maybe
+/// allocated), every KEYS/ARGV entry is one, every `tonumber` is a glibc `strtod` (~800
+/// instructions), and Lua 5.1 turns numbers into text through `sprintf` (`%.14g` for `..`,
+/// `%.17g` for a numeric `redis.call` argument: glibc's floating-point printing once topped a
+/// perf profile of this script). So:
+/// - what is the same for the whole call (TTLs, minute, window) is sent and parsed once;
+/// - the stored window's index is compared as text with the current one, and parsed only when
+///   it differs (a key's first call in a minute, or a clock behind the stored window);
+/// - a cost of 1, nearly every call's, is recognised as text, not parsed;
+/// - decisions stay strings, increments are `'1'`, and the new window is built from the
+///   texts read plus one `%d` for the new count;
+/// - the limit and the window go back as the strings read: the caller does the arithmetic for
+///   remaining, reset and retry-after (formatting four figures here was ~7 % of Redis's
+///   instructions).
 pub static VERIFY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+local W = 60000
+local ws = ARGV[8]
+local window = tonumber(ws)
+local base = window * W
+local dayttl, minute, minttl = ARGV[5], ARGV[6], ARGV[7]
 local function one(kb, ab)
   local rec = KEYS[kb + 1]
   local k = redis.call('HMGET', rec, 'h', 's', 'e', 'st', 'x', 'w')
   if k[1] ~= ARGV[ab + 1] then return '3' end
   local packed = redis.call('HGET', KEYS[kb + 2], k[2])
   if not packed then return '3' end
-  local _, plan, enabled, crl = string.match(packed, '^(%d+):(%d+):(%d+):(%d*):')
+  local plan, enabled, crl = string.match(packed, '^%d+:(%d+):(%d+):(%d*):')
   local nows = ARGV[ab + 2]
-  local now = tonumber(nows)
   local env = ARGV[ab + 4]
   local d
   if k[4] == 'r' then d = '4'
-  elseif k[5] and tonumber(k[5]) <= now then d = '5'
+  elseif k[5] and tonumber(k[5]) <= tonumber(nows) then d = '5'
   elseif enabled ~= '1' then d = '6'
   elseif env ~= '0' and env ~= k[3] then d = '7' end
   local reply
@@ -89,50 +102,54 @@ local function one(kb, ab)
     redis.call('HSET', rec, 'lu', nows)
     reply = d .. ':' .. k[2] .. ':' .. k[3] .. ':' .. plan
   else
-    -- The limit and the window as read go back as the strings they are: the caller derives
-    -- remaining, reset and retry from them with the same arithmetic (`ratelimit::admit`).
     local ls = crl
     if ls == '' then
-      local p = tonumber(plan)
-      ls = p <= 4 and ARGV[p] or '0'
+      if plan == '1' then ls = ARGV[1]
+      elseif plan == '2' then ls = ARGV[2]
+      elseif plan == '3' then ls = ARGV[3]
+      elseif plan == '4' then ls = ARGV[4]
+      else ls = '0' end
     end
     local limit = tonumber(ls)
-    local W = 60000
-    local window = math.floor(now / W)
-    local rw, rc, rp = string.match(k[6] or '', '^(%d+):(%d+):(%d+)$')
-    rw, rc, rp = tonumber(rw), tonumber(rc) or 0, tonumber(rp) or 0
-    local elapsed, cur, prev
-    if rw and rw > window then
-      window, elapsed, cur, prev = rw, 0, rc, rp
+    local cs = ARGV[ab + 3]
+    local cost = cs == '1' and 1 or tonumber(cs)
+    local w = k[6]
+    local rw, rc, rp
+    if w then rw, rc, rp = string.match(w, '^(%d+):(%d+):(%d+)$') end
+    local elapsed = tonumber(nows) - base
+    -- cur, prev: counts; cw, ps: the texts of the window index and previous count to store.
+    local cur, prev, cw, ps
+    if rw == ws then cur, prev, cw, ps = tonumber(rc), tonumber(rp), ws, rp
+    elseif not rw then cur, prev, cw, ps = 0, 0, ws, '0'
     else
-      elapsed = now - window * W
-      if rw == window then cur, prev = rc, rp
-      elseif rw == window - 1 then cur, prev = 0, rc
-      else cur, prev = 0, 0 end
+      local n = tonumber(rw)
+      if n > window then cur, prev, cw, ps, elapsed = tonumber(rc), tonumber(rp), rw, rp, 0
+      elseif n == window then cur, prev, cw, ps = tonumber(rc), tonumber(rp), ws, rp
+      elseif n == window - 1 then cur, prev, cw, ps = 0, tonumber(rc), ws, rc
+      else cur, prev, cw, ps = 0, 0, ws, '0' end
     end
-    local cost = tonumber(ARGV[ab + 3])
     d = '8'
     if (cur + cost) * W + prev * (W - elapsed) <= limit * W then
       cur = cur + cost
       d = '1'
     end
-    redis.call('HSET', rec, 'lu', nows, 'w', string.format('%d:%d:%d', window, cur, prev))
+    redis.call('HSET', rec, 'lu', nows, 'w', cw .. ':' .. string.format('%d', cur) .. ':' .. ps)
     -- The window as read, if it was one (digits and colons only); else nothing counted yet.
-    reply = d .. ':' .. k[2] .. ':' .. k[3] .. ':' .. plan .. ':' .. ls .. ':' .. (rw and k[6] or '')
+    reply = d .. ':' .. k[2] .. ':' .. k[3] .. ':' .. plan .. ':' .. ls .. ':' .. (rw and w or '')
   end
   if redis.call('HINCRBY', KEYS[kb + 3], 'd' .. d, '1') == 1 then
-    redis.call('EXPIRE', KEYS[kb + 3], ARGV[ab + 5])
+    redis.call('EXPIRE', KEYS[kb + 3], dayttl)
   end
-  if redis.call('HINCRBY', KEYS[kb + 4], ARGV[ab + 6], '1') == 1 then
-    redis.call('EXPIRE', KEYS[kb + 4], ARGV[ab + 7])
+  if redis.call('HINCRBY', KEYS[kb + 4], minute, '1') == 1 then
+    redis.call('EXPIRE', KEYS[kb + 4], minttl)
   end
   return reply
 end
 local n = #KEYS / 4
-if n == 1 then return one(0, 4) end
+if n == 1 then return one(0, 8) end
 local out = {}
 for i = 0, n - 1 do
-  local ok, r = pcall(one, i * 4, 4 + i * 7)
+  local ok, r = pcall(one, i * 4, 8 + i * 4)
   if ok then
     out[i + 1] = r
   else
