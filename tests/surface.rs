@@ -1,5 +1,6 @@
 //! The service surface operators and Kubernetes rely on: gRPC health that tells the truth about
-//! the store, reflection (v1 and v1alpha), and failing closed when Redis goes away.
+//! the store, reflection (v1 and v1alpha), failing closed when Redis goes away, and riding out a
+//! Redis stall shorter than the store timeout.
 
 mod common;
 
@@ -289,6 +290,92 @@ async fn redis_connections_that_went_silent_are_replaced() {
         );
     }
     server.wait_health("", ServingStatus::Serving).await;
+}
+
+/// Redis stalls for less than the store timeout (a fork for a snapshot, a slow command of
+/// another client, `CLIENT PAUSE` during a failover): VerifyKey calls in flight wait and then
+/// answer; none fails and no connection is replaced, so a hiccup costs latency, never errors
+/// or a reconnect storm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_stall_shorter_than_the_timeout_costs_latency_only() {
+    let redis = DedicatedRedis::start();
+    let target = redis
+        .server
+        .url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    let relay = Relay::to(&target).await;
+    let (server, _, secret) = server_with_a_key(
+        format!("redis://{}", relay.addr),
+        std::time::Duration::from_secs(1),
+        "stall",
+    )
+    .await;
+    let c = server.keys();
+    let connections = relay.accepted();
+    let stall = std::time::Duration::from_millis(400);
+    let started = std::time::Instant::now();
+    let until = started + std::time::Duration::from_millis(300) + stall + stall;
+    let callers = (0..32).map(|_| {
+        let mut c = c.clone();
+        let secret = secret.clone();
+        tokio::spawn(async move {
+            let (mut calls, mut slowest) = (0, std::time::Duration::ZERO);
+            while std::time::Instant::now() < until {
+                let sent = std::time::Instant::now();
+                let answer = c
+                    .verify_key(pb::VerifyKeyRequest {
+                        key: secret.clone(),
+                        expected_environment: 0,
+                        cost: 0,
+                    })
+                    .await
+                    .expect("no call fails during a short stall");
+                // The Pro plan's 1000 a minute run out here: a refusal is an answer too.
+                assert!(
+                    matches!(
+                        decision(answer.get_ref()),
+                        pb::Decision::Valid | pb::Decision::RateLimited
+                    ),
+                    "{answer:?}"
+                );
+                slowest = slowest.max(sent.elapsed());
+                calls += 1;
+            }
+            (calls, slowest)
+        })
+    });
+    let callers: Vec<_> = callers.collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut admin = ::redis::Client::open(redis.server.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let _: () = ::redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(stall.as_millis() as u64)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .expect("pause");
+    let (mut calls, mut slowest) = (0, std::time::Duration::ZERO);
+    for caller in callers {
+        let (n, slow) = caller.await.expect("caller");
+        calls += n;
+        slowest = slowest.max(slow);
+    }
+    assert!(
+        slowest >= stall * 3 / 4,
+        "the stall reached calls in flight (slowest call {slowest:?})"
+    );
+    assert!(calls > 64, "calls kept flowing around the stall ({calls})");
+    assert_eq!(
+        relay.accepted(),
+        connections,
+        "no connection was replaced over a stall shorter than the timeout"
+    );
 }
 
 /// Redis forgets its scripts (a restart, a failover to a replica that never loaded them,
