@@ -1019,37 +1019,55 @@ fn usage_of(conn: &mut ::redis::Connection, pattern: &str) -> i64 {
 async fn instructions(n: u64) {
     let redis = redis_harness::DedicatedRedis::start();
     let url = redis.server.url();
+    println!("| call | service instructions per call (callgrind, {n} sequential calls) |");
+    println!("| --- | ---: |");
+    instructions_of(n, Some(&url)).await;
+    instructions_of(n, None).await;
+}
+
+/// Counts, on one service under callgrind (on Redis at `redis_url`, else in memory), the
+/// instructions per call of each kind of call.
+async fn instructions_of(n: u64, redis_url: Option<&str>) {
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("callgrind.out");
     let out_arg = format!("--callgrind-out-file={}", out.display());
+    let mut env = vec![
+        ("SENDABLE_KEYS_PEPPER", PEPPER),
+        ("SENDABLE_KEYS_LOG", "warn,sendable_keys::app=info"),
+        ("SENDABLE_KEYS_WORKER_THREADS", "1"),
+    ];
+    if let Some(url) = redis_url {
+        env.push(("REDIS_URL", url));
+    }
     let process = Process::start_wrapped(
         &["/usr/bin/valgrind", "--tool=callgrind", "--quiet", &out_arg],
         &[("ops", "admin", ADMIN), ("bench", "service", SERVICE)],
-        &[
-            ("SENDABLE_KEYS_PEPPER", PEPPER),
-            ("SENDABLE_KEYS_LOG", "warn,sendable_keys::app=info"),
-            ("SENDABLE_KEYS_WORKER_THREADS", "1"),
-            ("REDIS_URL", url.as_str()),
-        ],
+        &env,
     );
     let pid = process.child.id();
     let channel = process.channel().await;
     create_session(&channel, "instr", pb::Plan::Enterprise, Some(100_000_000)).await;
     let keys = Arc::new(create_keys(&channel, &["instr".to_owned()], 1).await);
     let junk = Arc::new(vec![MALFORMED_KEY.to_owned()]);
-    println!("| call | service instructions per call (callgrind, {n} sequential calls) |");
-    println!("| --- | ---: |");
-    let kinds: [(&str, Call); 3] = [
-        ("empty RPC (health)", Arc::new(health_call())),
-        (
-            "VerifyKey MALFORMED",
-            Arc::new(verify_call(junk, &[pb::Decision::Malformed])),
-        ),
-        (
-            "VerifyKey VALID (Redis)",
-            Arc::new(verify_call(keys, &[pb::Decision::Valid])),
-        ),
-    ];
+    let valid = Arc::new(verify_call(keys, &[pb::Decision::Valid]));
+    let kinds: Vec<(&str, Call)> = if redis_url.is_some() {
+        vec![
+            ("empty RPC (health)", Arc::new(health_call())),
+            (
+                "VerifyKey MALFORMED",
+                Arc::new(verify_call(junk, &[pb::Decision::Malformed])),
+            ),
+            ("VerifyKey VALID (Redis)", valid),
+        ]
+    } else {
+        vec![
+            (
+                "empty RPC (health), in-memory server",
+                Arc::new(health_call()),
+            ),
+            ("VerifyKey VALID (in memory)", valid),
+        ]
+    };
     for (name, call) in kinds {
         for i in 0..50 {
             call(channel.clone(), i).await;
