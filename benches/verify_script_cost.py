@@ -2,6 +2,7 @@
 """Redis's instructions per verification for the VERIFY script, counted by callgrind.
 
     python3 benches/verify_script_cost.py [--batch 1 9 32] [--rounds 300] [--script FILE]
+                                          [--legacy-layout]
 
 Starts its own `redis-server` under `valgrind --tool=callgrind` on a free loopback port, stores
 one session and 200 key records shaped like the service's (same key names, field names and
@@ -11,7 +12,11 @@ after a warm-up and dumped after `--rounds` calls; the figure printed is every i
 redis-server executed in between (network read, parsing, the script, its commands, the
 reply) divided by the verifications. Instruction counts do not depend on what else the machine
 is doing, so two versions of the script can be compared on a shared machine; `--script` runs
-another version (a file holding only the Lua text) with the same arguments.
+another version (a file holding only the Lua text) with the same arguments, and
+`--legacy-layout` sends the arguments as scripts before 2026-11-30 took them (seven per
+verification: hash, now, cost, environment, day TTL, minute, minute TTL; only the plan limits
+shared), to count an older script from the history, e.g.
+`git show 3bee7ac:src/store/redis/scripts.rs`, its VERIFY text saved to a file.
 
 The script text comes from `src/store/redis/scripts.rs`; the arguments below follow the
 layout documented there and must change with it. Needs python3, valgrind and redis-server.
@@ -99,6 +104,8 @@ def main():
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 9, 32])
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--script", help="a file with another version of the Lua text")
+    parser.add_argument("--legacy-layout", action="store_true",
+                        help="seven arguments per verification (scripts before 2026-11-30)")
     args = parser.parse_args()
     for tool in ("valgrind", "callgrind_control", "redis-server"):
         if not shutil.which(tool):
@@ -156,16 +163,22 @@ def run(conn, pid, script, args, work):
 
     def call(batch):
         nonlocal done
+        # One clock reading per script call: the service never mixes minutes in one.
         t = now + done
         window = t // 60000
+        shared = ["7862400", str(window % 60), "10800"]
         names, per_call = [], []
         for j in range(batch):
             key_id, digest = keys[(done + j) % len(keys)]
             names += ["%s:k:%s" % (tag, key_id), tag + ":sessions",
                       "%s:u:%s:%s" % (tag, key_id, day),
                       "%s:m:%s:%d" % (tag, key_id, t // 3600000)]
-            per_call += [digest, str(t + j), "1", "0"]
-        argv = ["60", "600", "6000", "0", "7862400", str(window % 60), "10800", str(window)]
+            per_call += [digest, str(t), "1", "0"]
+            if args.legacy_layout:
+                per_call += shared
+        argv = ["60", "600", "6000", "0"]
+        if not args.legacy_layout:
+            argv += shared + [str(window)]
         reply = conn.call("EVALSHA", sha, len(names), *names, *argv, *per_call)
         answers = reply.split(b"\n")
         if len(answers) != batch or not all(a.startswith(b"1:") for a in answers):

@@ -96,6 +96,59 @@ async fn a_corrupt_record_fails_only_its_own_verifications(backend: Backend) {
     assert_eq!((status.used, status.remaining), (210, 1000 - 210));
 }
 
+/// A key record's window field that is not ours (not three numbers, or a figure past 15
+/// digits: foreign or corrupted data under our prefix) is counted afresh and overwritten by the
+/// next verification, instead of failing that key's calls for ever.
+async fn a_corrupt_window_is_counted_afresh(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut c = server.keys();
+    let id = unique_session("window");
+    create_session(&mut c, &id, pb::Plan::Pro, pb::Environment::Live).await;
+    for corrupt in [
+        "abc",
+        "1:2",
+        "99999999999999999999:5:5",
+        "29544000:99999999999999999999:0",
+    ] {
+        let (key, secret) = create_key(&mut c, &id).await;
+        let mut written = 0;
+        for url in server.redis_urls() {
+            let client = ::redis::Client::open(url).expect("url");
+            let mut conn = client.get_connection().expect("connect");
+            let names: Vec<String> = ::redis::cmd("KEYS")
+                .arg(format!("{}:*:k:{}", server.prefix, key.key_id))
+                .query(&mut conn)
+                .expect("keys");
+            for name in names {
+                let _: () = ::redis::cmd("HSET")
+                    .arg(&name)
+                    .arg("w")
+                    .arg(corrupt)
+                    .query(&mut conn)
+                    .expect("hset");
+                written += 1;
+            }
+        }
+        assert_eq!(written, 1, "the key's record was found once");
+        let answer = common::verify(&mut c, &secret).await;
+        assert_eq!(decision(&answer), pb::Decision::Valid, "{corrupt}");
+        assert_eq!(
+            answer.rate_limit.expect("rate limit").remaining,
+            999,
+            "{corrupt}: counted from zero"
+        );
+        let status = server
+            .usage()
+            .get_rate_limit_status(pb::GetRateLimitStatusRequest {
+                key_id: key.key_id.clone(),
+            })
+            .await
+            .expect("the window reads again")
+            .into_inner();
+        assert_eq!(status.used, 1, "{corrupt}");
+    }
+}
+
 /// Verifications of keys in many sessions (so, in a cluster, many shards and nodes) in flight
 /// together: a batch must be split wherever a script call could not span it, and every call
 /// must get its own key's answer. Each key is verified 20 times; its answers must be exactly
@@ -276,6 +329,11 @@ mod memory {
 
 mod redis {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_corrupt_window_is_counted_afresh() {
+        super::a_corrupt_window_is_counted_afresh(crate::common::Backend::Redis).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn verifications_of_different_minutes_in_one_flush_answer_for_their_own() {
         super::verifications_of_different_minutes_in_one_flush_answer_for_their_own(
             crate::common::Backend::Redis,
@@ -299,6 +357,11 @@ mod redis {
 }
 
 mod cluster {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_corrupt_window_is_counted_afresh() {
+        super::a_corrupt_window_is_counted_afresh(crate::common::Backend::Cluster).await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn verifications_of_different_minutes_in_one_flush_answer_for_their_own() {
         super::verifications_of_different_minutes_in_one_flush_answer_for_their_own(

@@ -314,7 +314,7 @@ async fn a_redis_stall_shorter_than_the_timeout_costs_latency_only() {
     .await;
     let c = server.keys();
     let connections = relay.accepted();
-    let stall = std::time::Duration::from_millis(400);
+    let stall = std::time::Duration::from_millis(600);
     let started = std::time::Instant::now();
     let until = started + std::time::Duration::from_millis(300) + stall + stall;
     let callers = (0..32).map(|_| {

@@ -162,7 +162,9 @@ async fn flush(
     in_flight: Arc<AtomicUsize>,
 ) {
     // Group jobs that may share a call (see `Job::shares_call`); a stable sort keeps each
-    // key's calls in arrival order.
+    // key's calls in arrival order within a group. Groups go out in sort order on one
+    // connection, so a key's calls of two minutes still run in time order; only calls made
+    // across a plans reload may run out of arrival order.
     jobs.sort_by_key(|j| (if cluster { j.shard } else { 0 }, j.call_key()));
     let mut calls = Vec::new();
     let mut rest = jobs.into_iter().peekable();

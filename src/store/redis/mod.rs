@@ -32,7 +32,8 @@ use deadpool_redis::{PoolConfig, Runtime, Timeouts};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::{
-    Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, ServerErrorKind, Value,
+    AsyncConnectionConfig, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult,
+    ServerErrorKind, Value,
 };
 
 use self::keys::{Keys, index_member, parse_index_member};
@@ -239,11 +240,27 @@ impl RedisStore {
                 ))
             })?)
         } else {
-            let mut cfg = deadpool_redis::Config::from_url(config.urls[0].clone());
-            cfg.pool = Some(pool_config);
-            Pool::Standalone(cfg.create_pool(Some(Runtime::Tokio1)).map_err(|e| {
-                StoreError::permanent(format!("invalid Redis configuration: {}", redact(&e)))
-            })?)
+            // redis-rs gives a multiplexed connection a 500 ms response timeout of its own,
+            // which would fail calls (and drop the connection) on a Redis stall shorter than
+            // the configured timeout. Every store call runs under `config.timeout` already
+            // (and a cluster connection has no such default), so the connection gets none,
+            // and no timer per command either.
+            let connection = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(config.timeout))
+                .set_response_timeout(None);
+            let invalid = |text: String| {
+                StoreError::permanent(format!("invalid Redis configuration: {text}"))
+            };
+            let manager =
+                deadpool_redis::Manager::new_with_config(config.urls[0].as_str(), connection)
+                    .map_err(|e| invalid(redact(&e)))?;
+            Pool::Standalone(
+                deadpool_redis::Pool::builder(manager)
+                    .config(pool_config)
+                    .runtime(Runtime::Tokio1)
+                    .build()
+                    .map_err(|e| invalid(redact(&e)))?,
+            )
         };
         Ok(RedisStore {
             pool,

@@ -44,7 +44,8 @@ pub const RECORD_FIELDS: [&str; 10] = ["s", "e", "n", "st", "ct", "lu", "x", "rt
 /// NOT_FOUND; `decision:session id:env:plan` for decisions that consume nothing;
 /// `decision:session id:env:plan:limit:window` for VALID and RATE_LIMITED, where `window` is
 /// the key's window field as it was *before* this call (`index:current:previous`; empty for a
-/// key never counted, and for a field the script could not read, which it counts from zero);
+/// key never counted, and for a field the script could not read (not three numbers, or one
+/// past 15 digits), which it counts from zero and overwrites);
 /// in a batch, `E<message>` for a verification that failed (a corrupt record), so one bad
 /// record fails only its own call. A single verification's error is the script's error.
 ///
@@ -108,7 +109,10 @@ local function one(kb, ab)
       elseif plan == '2' then ls = ARGV[2]
       elseif plan == '3' then ls = ARGV[3]
       elseif plan == '4' then ls = ARGV[4]
-      else ls = '0' end
+      else
+        local p = tonumber(plan)
+        ls = p and p >= 1 and p <= 4 and ARGV[p] or '0'
+      end
     end
     local limit = tonumber(ls)
     local cs = ARGV[ab + 3]
@@ -116,6 +120,8 @@ local function one(kb, ab)
     local w = k[6]
     local rw, rc, rp
     if w then rw, rc, rp = string.match(w, '^(%d+):(%d+):(%d+)$') end
+    -- Figures past 15 digits are not ours (a corrupt field): counted afresh, not kept for ever.
+    if rw and (#rw > 15 or #rc > 15 or #rp > 15) then rw = nil end
     local elapsed = tonumber(nows) - base
     -- cur, prev: counts; cw, ps: the texts of the window index and previous count to store.
     local cur, prev, cw, ps
