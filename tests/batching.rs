@@ -22,6 +22,29 @@ use sendable_keys::store::redis::RedisStore;
 use sendable_keys::store::{InsertKey, KeyStore, NewKey, SessionStore, UsageStore, VerifyRequest};
 use tonic::Code;
 
+/// Runs `change` on the Redis record of `key_id` (on whichever node holds it), as foreign or
+/// corrupting writes would; returns how many records it found.
+fn rewrite_key_record(
+    server: &TestServer,
+    key_id: &str,
+    change: impl Fn(&mut ::redis::Connection, &str),
+) -> usize {
+    let mut found = 0;
+    for url in server.redis_urls() {
+        let client = ::redis::Client::open(url).expect("url");
+        let mut conn = client.get_connection().expect("connect");
+        let names: Vec<String> = ::redis::cmd("KEYS")
+            .arg(format!("{}:*:k:{key_id}", server.prefix))
+            .query(&mut conn)
+            .expect("keys");
+        for name in names {
+            change(&mut conn, &name);
+            found += 1;
+        }
+    }
+    found
+}
+
 /// A key record overwritten with a string (a corrupt or foreign value under our prefix) makes
 /// Redis refuse that key's script work (WRONGTYPE). The good keys verified at the same moment,
 /// which may travel in the same script call, still get their own right answers.
@@ -33,27 +56,14 @@ async fn a_corrupt_record_fails_only_its_own_verifications(backend: Backend) {
     let (good_key, good) = create_key(&mut c, &id).await;
     let (bad_key, bad) = create_key(&mut c, &id).await;
     // Both keys are in the session's shard, so in a cluster too they can share a script call.
-    let mut corrupted = 0;
-    for url in server.redis_urls() {
-        let client = ::redis::Client::open(url).expect("url");
-        let mut conn = client.get_connection().expect("connect");
-        let names: Vec<String> = ::redis::cmd("KEYS")
-            .arg(format!("{}:*:k:{}", server.prefix, bad_key.key_id))
-            .query(&mut conn)
-            .expect("keys");
-        for name in names {
-            let _: () = ::redis::cmd("DEL")
-                .arg(&name)
-                .query(&mut conn)
-                .expect("del");
-            let _: () = ::redis::cmd("SET")
-                .arg(&name)
-                .arg("not a hash")
-                .query(&mut conn)
-                .expect("set");
-            corrupted += 1;
-        }
-    }
+    let corrupted = rewrite_key_record(&server, &bad_key.key_id, |conn, name| {
+        let _: () = ::redis::cmd("DEL").arg(name).query(conn).expect("del");
+        let _: () = ::redis::cmd("SET")
+            .arg(name)
+            .arg("not a hash")
+            .query(conn)
+            .expect("set");
+    });
     assert_eq!(corrupted, 1, "the bad key's record was found once");
 
     let calls = (0..240).map(|i| {
@@ -111,24 +121,14 @@ async fn a_corrupt_window_is_counted_afresh(backend: Backend) {
         "29544000:99999999999999999999:0",
     ] {
         let (key, secret) = create_key(&mut c, &id).await;
-        let mut written = 0;
-        for url in server.redis_urls() {
-            let client = ::redis::Client::open(url).expect("url");
-            let mut conn = client.get_connection().expect("connect");
-            let names: Vec<String> = ::redis::cmd("KEYS")
-                .arg(format!("{}:*:k:{}", server.prefix, key.key_id))
-                .query(&mut conn)
-                .expect("keys");
-            for name in names {
-                let _: () = ::redis::cmd("HSET")
-                    .arg(&name)
-                    .arg("w")
-                    .arg(corrupt)
-                    .query(&mut conn)
-                    .expect("hset");
-                written += 1;
-            }
-        }
+        let written = rewrite_key_record(&server, &key.key_id, |conn, name| {
+            let _: () = ::redis::cmd("HSET")
+                .arg(name)
+                .arg("w")
+                .arg(corrupt)
+                .query(conn)
+                .expect("hset");
+        });
         assert_eq!(written, 1, "the key's record was found once");
         let answer = common::verify(&mut c, &secret).await;
         assert_eq!(decision(&answer), pb::Decision::Valid, "{corrupt}");
@@ -245,13 +245,7 @@ async fn verifications_of_different_minutes_in_one_flush_answer_for_their_own(ba
         keys.push((record.id, KeyHash(hash)));
     }
 
-    let mut state = 0x5eed_1234_u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = common::xorshift(0x5eed_1234);
     let (mut valid, mut limited) = (0, 0);
     let mut last = T0;
     for round in 0..30_i64 {

@@ -763,13 +763,7 @@ async fn sliding_window_error_against_an_exact_log_is_bounded(backend: Backend) 
     let mut now = T0;
     let mut worst_excess = 0i64;
     // Bursty traffic over 5 minutes: gaps of 0-3 s, about 2.5x the limit.
-    let mut rng_state = 0x5eed_u64;
-    let mut next = || {
-        rng_state ^= rng_state << 13;
-        rng_state ^= rng_state >> 7;
-        rng_state ^= rng_state << 17;
-        rng_state
-    };
+    let mut next = common::xorshift(0x5eed);
     while now < T0 + 5 * MINUTE {
         now += (next() % 800) as i64;
         server.clock.set(now);
@@ -986,13 +980,7 @@ async fn every_store_gives_the_same_rate_limit_answers() {
         ];
         servers.push((server, c, secrets));
     }
-    let mut rng_state = 0x0dd5_eed5_u64;
-    let mut next = move || {
-        rng_state ^= rng_state << 13;
-        rng_state ^= rng_state >> 7;
-        rng_state ^= rng_state << 17;
-        rng_state
-    };
+    let mut next = common::xorshift(0x0dd5_eed5);
     let (mut now, mut latest) = (T0, T0);
     let (mut valid, mut limited, mut behind, mut too_costly) = (0, 0, 0, 0);
     for step in 0..600 {

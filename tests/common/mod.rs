@@ -42,6 +42,18 @@ pub enum Backend {
     Cluster,
 }
 
+/// A small deterministic random sequence (xorshift64; `seed` must not be 0), so a randomized
+/// test replays the same calls on every store and every run.
+pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}
+
 /// A key prefix no other test uses.
 pub fn unique_prefix() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
