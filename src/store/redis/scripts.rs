@@ -105,6 +105,7 @@ local function one(kb, ab)
   else
     local ls = crl
     if ls == '' then
+      -- Interned strings compare by pointer: the plan's text picks its limit without strtod.
       if plan == '1' then ls = ARGV[1]
       elseif plan == '2' then ls = ARGV[2]
       elseif plan == '3' then ls = ARGV[3]
