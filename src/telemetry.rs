@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
@@ -25,13 +25,19 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogFormat;
+use crate::store::redis::BATCH_SIZE_METRIC;
 
 /// Latency buckets (seconds) for every `*_duration_seconds` histogram: dense below a
-/// millisecond, where VerifyKey lives, and up to 5 s for the slow tail.
+/// millisecond, where VerifyKey lives, and up to 5 s for the slow tail. They are the default,
+/// so a histogram of anything else is given its own buckets.
 const LATENCY_BUCKETS: [f64; 16] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0,
 ];
+
+/// Buckets of [`BATCH_SIZE_METRIC`] (verifications per VERIFY script call): powers of two up
+/// to the batch limit.
+const BATCH_SIZE_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
 /// How often the recorder's histogram samples are folded into their buckets.
 pub const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -51,6 +57,11 @@ pub fn metrics() -> Result<PrometheusHandle, String> {
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
                 .set_buckets(&LATENCY_BUCKETS)
+                .map_err(|e| e.to_string())?
+                .set_buckets_for_metric(
+                    Matcher::Full(BATCH_SIZE_METRIC.to_owned()),
+                    &BATCH_SIZE_BUCKETS,
+                )
                 .map_err(|e| e.to_string())?
                 .install_recorder()
                 .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;

@@ -382,6 +382,114 @@ async fn a_connection_whose_peer_went_silent_is_closed_and_its_streams_end() {
 }
 
 /// A minimal OTLP/gRPC collector that keeps the spans it receives.
+/// `(count, sum)` of the verify batch-size histogram on `/metrics`: script calls, and the
+/// verifications they carried.
+fn batch_histogram(admin: &str) -> (u64, u64) {
+    let (status, metrics) = http_get(admin, "/metrics");
+    assert_eq!(status, 200);
+    let value = |suffix: &str| {
+        let name = format!(
+            "{}{suffix} ",
+            sendable_keys::store::redis::BATCH_SIZE_METRIC
+        );
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name.as_str()))
+            .map(|v| v.trim().parse::<f64>().expect("a number") as u64)
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{metrics}"))
+    };
+    // Its own buckets (powers of two up to the batch limit), not the latency buckets.
+    let top = format!(
+        "{}_bucket{{le=\"256\"}}",
+        sendable_keys::store::redis::BATCH_SIZE_METRIC
+    );
+    assert!(metrics.contains(&top), "no {top} in /metrics:\n{metrics}");
+    (value("_count"), value("_sum"))
+}
+
+/// Operators can see batching at work: `/metrics` counts every VERIFY script call and the
+/// verifications it carried, in agreement with Redis's own count of script calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_verifications_per_script_call() {
+    let redis = common::redis::DedicatedRedis::start();
+    let url = redis.server.url();
+    let process = start(&[("REDIS_URL", url.as_str())]);
+    let mut keys = KeyServiceClient::new(process.channel().await);
+    keys.create_session(authed(
+        pb::CreateSessionRequest {
+            session_id: "acme-batches".into(),
+            environment: pb::Environment::Live as i32,
+            plan: pb::Plan::Pro as i32,
+            ..Default::default()
+        },
+        ADMIN_TOKEN,
+    ))
+    .await
+    .expect("session");
+    let secret = keys
+        .create_key(authed(
+            pb::CreateKeyRequest {
+                session_id: "acme-batches".into(),
+                name: String::new(),
+                expire_time: None,
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .expect("key")
+        .into_inner()
+        .secret;
+    let verify = |mut keys: KeyServiceClient<tonic::transport::Channel>, key: String| async move {
+        keys.verify_key(authed(
+            pb::VerifyKeyRequest {
+                key,
+                expected_environment: 0,
+                cost: 0,
+            },
+            SERVICE_TOKEN,
+        ))
+        .await
+        .expect("verify")
+        .into_inner()
+        .decision
+    };
+    // One call alone first: it loads the script, and is a script call of one.
+    assert_eq!(
+        verify(keys.clone(), secret.clone()).await,
+        pb::Decision::Valid as i32
+    );
+    let (count, sum) = batch_histogram(&process.admin);
+    assert!(count >= 1 && sum >= 1, "the first call is counted");
+    let mut conn = ::redis::Client::open(url.as_str())
+        .expect("url")
+        .get_connection()
+        .expect("connect");
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut conn)
+        .expect("resetstat");
+
+    let n = 400;
+    let answers =
+        futures_util::future::join_all((0..n).map(|_| verify(keys.clone(), secret.clone()))).await;
+    assert!(answers.iter().all(|&d| d == pb::Decision::Valid as i32));
+    let script_calls = common::redis::commandstats(&mut conn)
+        .get("evalsha")
+        .copied()
+        .unwrap_or(0);
+    let (count_after, sum_after) = batch_histogram(&process.admin);
+    assert_eq!(sum_after - sum, n, "every verification is counted once");
+    assert_eq!(
+        count_after - count,
+        script_calls,
+        "one count per script call Redis ran"
+    );
+    assert!(
+        script_calls < n / 2,
+        "{n} verifications in flight together shared script calls: {script_calls}"
+    );
+}
+
 mod collector {
     use std::sync::{Arc, Mutex};
 

@@ -24,7 +24,7 @@
 //! hash tag of every name a verification touches); on a standalone server a batch is one call.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use redis::Cmd;
@@ -83,12 +83,20 @@ pub(super) struct Failure {
     pub reset_lane: bool,
 }
 
+/// The histogram of verifications per script call: its count is the script calls, its sum the
+/// verifications, so operators see how much batching saves (and a lane running near one per
+/// call has no load to batch, or calls too spread out to meet).
+pub const BATCH_SIZE_METRIC: &str = "sendable_keys_redis_verify_batch_size";
+
 /// A hot lane's queue of verifications waiting to be sent.
 #[derive(Default)]
 pub(super) struct Batcher {
     queue: Mutex<Vec<Job>>,
     /// Script calls of this lane on the wire.
-    in_flight: Arc<AtomicUsize>,
+    in_flight: AtomicUsize,
+    /// [`BATCH_SIZE_METRIC`], looked up once (a registry look-up per call showed in the
+    /// VerifyKey profile); taken on first use, when the process's recorder is installed.
+    batch_size: OnceLock<metrics::Histogram>,
 }
 
 impl Batcher {
@@ -116,7 +124,7 @@ impl Batcher {
         };
         if let Some(job) = direct {
             // The caller's own timeout bounds this call: no second timer.
-            call(vec![job], conn, None, Arc::clone(&self.in_flight)).await;
+            call(vec![job], conn, None, self).await;
             return;
         }
         if first {
@@ -125,9 +133,14 @@ impl Batcher {
                 // Let the requests that are already runnable join this batch.
                 tokio::task::yield_now().await;
                 let jobs = std::mem::take(&mut *batcher.lock());
-                flush(jobs, conn, cluster, timeout, batcher.in_flight.clone()).await;
+                flush(jobs, conn, cluster, timeout, &batcher).await;
             });
         }
+    }
+
+    fn batch_size(&self) -> &metrics::Histogram {
+        self.batch_size
+            .get_or_init(|| metrics::histogram!(BATCH_SIZE_METRIC))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Job>> {
@@ -138,16 +151,16 @@ impl Batcher {
 }
 
 /// Counts a script call as on the wire while it lives (also if its future is dropped).
-struct OnTheWire(Arc<AtomicUsize>);
+struct OnTheWire<'a>(&'a AtomicUsize);
 
-impl OnTheWire {
-    fn new(counter: Arc<AtomicUsize>) -> Self {
+impl<'a> OnTheWire<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
         counter.fetch_add(1, Ordering::AcqRel);
         OnTheWire(counter)
     }
 }
 
-impl Drop for OnTheWire {
+impl Drop for OnTheWire<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
@@ -159,7 +172,7 @@ async fn flush(
     conn: Conn,
     cluster: bool,
     timeout: Duration,
-    in_flight: Arc<AtomicUsize>,
+    batcher: &Batcher,
 ) {
     // Group jobs that may share a call (see `Job::shares_call`); a stable sort keeps each
     // key's calls in arrival order within a group. Groups go out in sort order on one
@@ -177,20 +190,16 @@ async fn flush(
         {
             group.extend(rest.next());
         }
-        calls.push(call(group, conn.clone(), Some(timeout), in_flight.clone()));
+        calls.push(call(group, conn.clone(), Some(timeout), batcher));
     }
     futures_util::future::join_all(calls).await;
 }
 
 /// One script call for `jobs`, given up after `timeout` if one is set; every job gets its own
 /// answer.
-async fn call(
-    jobs: Vec<Job>,
-    mut conn: Conn,
-    timeout: Option<Duration>,
-    in_flight: Arc<AtomicUsize>,
-) {
-    let _on_the_wire = OnTheWire::new(in_flight);
+async fn call(jobs: Vec<Job>, mut conn: Conn, timeout: Option<Duration>, batcher: &Batcher) {
+    let _on_the_wire = OnTheWire::new(&batcher.in_flight);
+    batcher.batch_size().record(jobs.len() as f64);
     let cmd = command(&jobs);
     let work = eval::<String>(&mut conn, &scripts::VERIFY, &cmd);
     let outcome = match timeout {

@@ -20,6 +20,7 @@
 
 mod batch;
 pub mod keys;
+pub use batch::BATCH_SIZE_METRIC;
 pub mod scripts;
 
 use std::collections::{BTreeMap, HashMap};
