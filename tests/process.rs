@@ -1,5 +1,6 @@
 //! The real `sendable-keys` binary as a platform runs it: credentials, JSON logs, the admin
-//! listener, OTLP export, and SIGTERM. Each test starts its own process on free ports.
+//! listener and its metrics, OTLP export, and SIGTERM. Each test starts its own process on free
+//! ports; the one that checks Redis metrics also starts a `redis-server` of its own.
 
 mod common;
 
@@ -381,7 +382,6 @@ async fn a_connection_whose_peer_went_silent_is_closed_and_its_streams_end() {
     drop((stream, channel));
 }
 
-/// A minimal OTLP/gRPC collector that keeps the spans it receives.
 /// `(count, sum)` of the verify batch-size histogram on `/metrics`: script calls, and the
 /// verifications they carried.
 fn batch_histogram(admin: &str) -> (u64, u64) {
@@ -413,7 +413,12 @@ fn batch_histogram(admin: &str) -> (u64, u64) {
 async fn metrics_show_verifications_per_script_call() {
     let redis = common::redis::DedicatedRedis::start();
     let url = redis.server.url();
-    let process = start(&[("REDIS_URL", url.as_str())]);
+    // A generous store timeout: a debug build logging at debug level on two shared cores must
+    // not turn a slow batch into a failed call.
+    let process = start(&[
+        ("REDIS_URL", url.as_str()),
+        ("SENDABLE_KEYS_REDIS_TIMEOUT", "5s"),
+    ]);
     let mut keys = KeyServiceClient::new(process.channel().await);
     keys.create_session(authed(
         pb::CreateSessionRequest {
@@ -459,7 +464,11 @@ async fn metrics_show_verifications_per_script_call() {
         pb::Decision::Valid as i32
     );
     let (count, sum) = batch_histogram(&process.admin);
-    assert!(count >= 1 && sum >= 1, "the first call is counted");
+    assert_eq!(
+        (count, sum),
+        (1, 1),
+        "the first call, alone, is one script call of one"
+    );
     let mut conn = ::redis::Client::open(url.as_str())
         .expect("url")
         .get_connection()
@@ -472,7 +481,10 @@ async fn metrics_show_verifications_per_script_call() {
     let n = 400;
     let answers =
         futures_util::future::join_all((0..n).map(|_| verify(keys.clone(), secret.clone()))).await;
-    assert!(answers.iter().all(|&d| d == pb::Decision::Valid as i32));
+    assert!(
+        answers.iter().all(|&d| d == pb::Decision::Valid as i32),
+        "every call VALID: {answers:?}"
+    );
     let script_calls = common::redis::commandstats(&mut conn)
         .get("evalsha")
         .copied()
@@ -490,6 +502,7 @@ async fn metrics_show_verifications_per_script_call() {
     );
 }
 
+/// A minimal OTLP/gRPC collector that keeps the spans it receives.
 mod collector {
     use std::sync::{Arc, Mutex};
 

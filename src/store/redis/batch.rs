@@ -35,7 +35,7 @@ use crate::domain::Millis;
 
 /// Most verifications in one script call: bounds the time Redis spends in one script (a batch
 /// of 256 runs for ~2.5 ms at ~10 µs each) and the size of one command.
-const MAX_BATCH: usize = 256;
+pub(crate) const MAX_BATCH: usize = 256;
 
 /// One verification's arguments (see the VERIFY script) and where its answer goes.
 pub(super) struct Job {
@@ -83,9 +83,10 @@ pub(super) struct Failure {
     pub reset_lane: bool,
 }
 
-/// The histogram of verifications per script call: its count is the script calls, its sum the
-/// verifications, so operators see how much batching saves (and a lane running near one per
-/// call has no load to batch, or calls too spread out to meet).
+/// The histogram of verifications per script call: its count is the script calls sent (one whose
+/// caller was cancelled before it reached Redis included), its sum the verifications, so
+/// operators see how much batching saves (a lane near one per call has no load to batch, or
+/// calls too spread out to meet).
 pub const BATCH_SIZE_METRIC: &str = "sendable_keys_redis_verify_batch_size";
 
 /// A hot lane's queue of verifications waiting to be sent.
@@ -94,8 +95,9 @@ pub(super) struct Batcher {
     queue: Mutex<Vec<Job>>,
     /// Script calls of this lane on the wire.
     in_flight: AtomicUsize,
-    /// [`BATCH_SIZE_METRIC`], looked up once (a registry look-up per call showed in the
-    /// VerifyKey profile); taken on first use, when the process's recorder is installed.
+    /// [`BATCH_SIZE_METRIC`], looked up once, as `RedisStore::observe_verify` does its
+    /// histogram (a registry look-up per call showed in the VerifyKey profile); taken on first
+    /// use, when the process's recorder is installed.
     batch_size: OnceLock<metrics::Histogram>,
 }
 

@@ -21,6 +21,7 @@
 mod batch;
 pub mod keys;
 pub use batch::BATCH_SIZE_METRIC;
+pub(crate) use batch::MAX_BATCH;
 pub mod scripts;
 
 use std::collections::{BTreeMap, HashMap};
