@@ -46,12 +46,12 @@ pub const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Installs the process-wide Prometheus recorder (once; later calls return the same handle),
 /// with its upkeep thread.
 ///
-/// Why the thread: the recorder keeps every histogram sample (one or two per request: its
-/// duration, and on Redis the store call's; plus one per VERIFY script call) in a lock-free
-/// list until upkeep folds them into the buckets. `install_recorder` does not schedule upkeep, and a scrape of `/metrics` is the
-/// only other thing that runs it, so a service nobody scrapes grew by ~20 bytes per request
-/// without bound (measured: +2 MB/s at 98k VerifyKey/s). A plain thread, not a tokio task, so
-/// it runs whatever the runtime is busy with and needs no runtime to be started.
+/// Why the thread: the recorder keeps every histogram sample (one or two per request: its duration,
+/// and on Redis the store call's; plus one per VERIFY script call) in a lock-free list until upkeep
+/// folds them into the buckets. `install_recorder` does not schedule upkeep, and a scrape of
+/// `/metrics` is the only other thing that runs it, so a service nobody scrapes grew by ~20 bytes
+/// per request without bound (measured: +2 MB/s at 98k VerifyKey/s). A plain thread, not a tokio
+/// task, so it runs whatever the runtime is busy with and needs no runtime to be started.
 pub fn metrics() -> Result<PrometheusHandle, String> {
     static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
     HANDLE
