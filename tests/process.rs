@@ -48,35 +48,51 @@ fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
     request
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_secret_reaches_the_logs_or_the_metrics() {
-    let mut process = start(&[]);
-    let mut keys = KeyServiceClient::new(process.channel().await);
-    let mut usage = UsageServiceClient::new(process.channel().await);
-    keys.create_session(authed(
-        pb::CreateSessionRequest {
-            session_id: "acme-logs".into(),
-            environment: pb::Environment::Live as i32,
-            plan: pb::Plan::Pro as i32,
-            ..Default::default()
-        },
-        ADMIN_TOKEN,
-    ))
-    .await
-    .expect("session");
-    let mut secrets = Vec::new();
-    let created = keys
+/// Creates live session `id` on `plan`, as the admin.
+async fn create_session(channel: &tonic::transport::Channel, id: &str, plan: pb::Plan) {
+    KeyServiceClient::new(channel.clone())
+        .create_session(authed(
+            pb::CreateSessionRequest {
+                session_id: id.into(),
+                environment: pb::Environment::Live as i32,
+                plan: plan as i32,
+                ..Default::default()
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .expect("session");
+}
+
+/// Creates a key named `name` in session `id`, as the admin.
+async fn create_key(
+    channel: &tonic::transport::Channel,
+    id: &str,
+    name: &str,
+) -> pb::CreateKeyResponse {
+    KeyServiceClient::new(channel.clone())
         .create_key(authed(
             pb::CreateKeyRequest {
-                session_id: "acme-logs".into(),
-                name: "n".into(),
+                session_id: id.into(),
+                name: name.into(),
                 expire_time: None,
             },
             ADMIN_TOKEN,
         ))
         .await
         .expect("key")
-        .into_inner();
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_logs_or_the_metrics() {
+    let mut process = start(&[]);
+    let channel = process.channel().await;
+    let mut keys = KeyServiceClient::new(channel.clone());
+    let mut usage = UsageServiceClient::new(process.channel().await);
+    create_session(&channel, "acme-logs", pb::Plan::Pro).await;
+    let mut secrets = Vec::new();
+    let created = create_key(&channel, "acme-logs", "n").await;
     secrets.push(created.secret.clone());
     let key_id = created.key.expect("key").key_id;
     for key in [
@@ -193,18 +209,7 @@ async fn sigterm_reports_not_serving_ends_streams_drains_and_exits_zero() {
     assert_eq!(http_get(&process.admin, "/readyz").0, 200);
     assert_eq!(http_get(&process.admin, "/livez").0, 200);
     let channel = process.channel().await;
-    let mut keys = KeyServiceClient::new(channel.clone());
-    keys.create_session(authed(
-        pb::CreateSessionRequest {
-            session_id: "acme-drain".into(),
-            environment: pb::Environment::Live as i32,
-            plan: pb::Plan::Free as i32,
-            ..Default::default()
-        },
-        ADMIN_TOKEN,
-    ))
-    .await
-    .expect("session");
+    create_session(&channel, "acme-drain", pb::Plan::Free).await;
     // Two long-lived calls in flight: an alert stream (ours, ends on shutdown) and a health
     // watch (which only the drain timeout ends).
     let mut alerts = UsageServiceClient::new(channel.clone())
@@ -284,18 +289,7 @@ async fn watch_new_session(
     channel: &tonic::transport::Channel,
     id: &str,
 ) -> tonic::Streaming<pb::AlertEvent> {
-    KeyServiceClient::new(channel.clone())
-        .create_session(authed(
-            pb::CreateSessionRequest {
-                session_id: id.into(),
-                environment: pb::Environment::Live as i32,
-                plan: pb::Plan::Free as i32,
-                ..Default::default()
-            },
-            ADMIN_TOKEN,
-        ))
-        .await
-        .expect("session");
+    create_session(channel, id, pb::Plan::Free).await;
     let stream = UsageServiceClient::new(channel.clone())
         .watch_alerts(authed(
             pb::WatchAlertsRequest {
@@ -419,31 +413,10 @@ async fn metrics_show_verifications_per_script_call() {
         ("REDIS_URL", url.as_str()),
         ("SENDABLE_KEYS_REDIS_TIMEOUT", "5s"),
     ]);
-    let mut keys = KeyServiceClient::new(process.channel().await);
-    keys.create_session(authed(
-        pb::CreateSessionRequest {
-            session_id: "acme-batches".into(),
-            environment: pb::Environment::Live as i32,
-            plan: pb::Plan::Pro as i32,
-            ..Default::default()
-        },
-        ADMIN_TOKEN,
-    ))
-    .await
-    .expect("session");
-    let secret = keys
-        .create_key(authed(
-            pb::CreateKeyRequest {
-                session_id: "acme-batches".into(),
-                name: String::new(),
-                expire_time: None,
-            },
-            ADMIN_TOKEN,
-        ))
-        .await
-        .expect("key")
-        .into_inner()
-        .secret;
+    let channel = process.channel().await;
+    let keys = KeyServiceClient::new(channel.clone());
+    create_session(&channel, "acme-batches", pb::Plan::Pro).await;
+    let secret = create_key(&channel, "acme-batches", "").await.secret;
     let verify = |mut keys: KeyServiceClient<tonic::transport::Channel>, key: String| async move {
         keys.verify_key(authed(
             pb::VerifyKeyRequest {
