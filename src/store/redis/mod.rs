@@ -19,6 +19,7 @@
 //! cluster in reconfiguration is a *transient* [`StoreError`] (UNAVAILABLE to callers).
 
 mod batch;
+mod connect;
 pub mod keys;
 pub use batch::BATCH_SIZE_METRIC;
 pub(crate) use batch::MAX_BATCH;
@@ -88,7 +89,7 @@ impl std::fmt::Debug for RedisConfig {
 
 enum Pool {
     Standalone(deadpool_redis::Pool),
-    Cluster(deadpool_redis::cluster::Pool),
+    Cluster(connect::ClusterPool),
 }
 
 /// A connection taken from the pool; clones share the underlying multiplexed socket(s).
@@ -233,14 +234,18 @@ impl RedisStore {
         };
         let cluster = config.cluster || config.urls.len() > 1;
         let pool = if cluster {
-            let mut cfg = deadpool_redis::cluster::Config::from_urls(config.urls.clone());
-            cfg.pool = Some(pool_config);
-            Pool::Cluster(cfg.create_pool(Some(Runtime::Tokio1)).map_err(|e| {
-                StoreError::permanent(format!(
-                    "invalid Redis Cluster configuration: {}",
-                    redact(&e)
-                ))
-            })?)
+            let invalid = |text: String| {
+                StoreError::permanent(format!("invalid Redis Cluster configuration: {text}"))
+            };
+            let manager =
+                connect::ClusterManager::new(&config.urls).map_err(|e| invalid(redact(&e)))?;
+            Pool::Cluster(
+                connect::ClusterPool::builder(manager)
+                    .config(pool_config)
+                    .runtime(Runtime::Tokio1)
+                    .build()
+                    .map_err(|e| invalid(redact(&e)))?,
+            )
         } else {
             // redis-rs gives a multiplexed connection a 500 ms response timeout of its own,
             // which would fail calls (and drop the connection) on a Redis stall shorter than
@@ -253,9 +258,8 @@ impl RedisStore {
             let invalid = |text: String| {
                 StoreError::permanent(format!("invalid Redis configuration: {text}"))
             };
-            let manager =
-                deadpool_redis::Manager::new_with_config(config.urls[0].as_str(), connection)
-                    .map_err(|e| invalid(redact(&e)))?;
+            let manager = connect::standalone_manager(&config.urls[0], connection)
+                .map_err(|e| invalid(redact(&e)))?;
             Pool::Standalone(
                 deadpool_redis::Pool::builder(manager)
                     .config(pool_config)

@@ -1,0 +1,134 @@
+//! The store's sockets to Redis, standalone and Cluster: every one has Nagle's algorithm off
+//! (`TCP_NODELAY`), and a pooled connection that still answers is reused, not replaced.
+//!
+//! Nagle's cost shows only across a real network (an acknowledgement a round trip away holds
+//! back the next pipelined write; see `src/store/redis/connect.rs`), never on loopback, so this
+//! reads the socket option itself. The store's sockets are the ones to Redis's ports that
+//! appear in this process while the store connects; that holds because this binary runs this
+//! one test, so nothing else opens connections meanwhile.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::fd::RawFd;
+
+use common::{Backend, redis_config, unique_prefix};
+use sendable_keys::store::redis::RedisStore;
+
+/// This process's TCP sockets whose peer is 127.0.0.1 on one of `ports`: socket inode → fd.
+fn sockets_to(ports: &[u16]) -> BTreeMap<u64, RawFd> {
+    let mut found = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd") {
+        let Ok(entry) = entry else { continue };
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<RawFd>() else {
+            continue;
+        };
+        // A descriptor closed since the listing reads as an error: skipped.
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let Some(inode) = target
+            .to_string_lossy()
+            .strip_prefix("socket:[")
+            .and_then(|rest| rest.strip_suffix(']'))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if peer_port(fd).is_some_and(|port| ports.contains(&port)) {
+            found.insert(inode, fd);
+        }
+    }
+    found
+}
+
+/// The peer's port of an IPv4 socket connected to 127.0.0.1, if `fd` is one.
+fn peer_port(fd: RawFd) -> Option<u16> {
+    // SAFETY: `addr` is a zeroed sockaddr_storage and `len` its size; getpeername writes at
+    // most `len` bytes and fails harmlessly on a descriptor that is not a connected socket.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let rc = unsafe { libc::getpeername(fd, (&raw mut addr).cast(), &mut len) };
+    if rc != 0 || i32::from(addr.ss_family) != libc::AF_INET {
+        return None;
+    }
+    // SAFETY: the family says the storage holds a sockaddr_in.
+    let v4: libc::sockaddr_in = unsafe { std::ptr::read((&raw const addr).cast()) };
+    (u32::from_be(v4.sin_addr.s_addr) == 0x7f00_0001).then(|| u16::from_be(v4.sin_port))
+}
+
+/// The socket's TCP_NODELAY.
+fn nodelay(fd: RawFd) -> bool {
+    let mut on: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `on` is a c_int and `len` its size, as TCP_NODELAY reads.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&raw mut on).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "getsockopt(TCP_NODELAY) on fd {fd}");
+    on != 0
+}
+
+fn port_of(url: &str) -> u16 {
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a redis://host:port URL")
+}
+
+/// Connects a store to `backend`, and checks the sockets it opened: at least `at_least` of
+/// them, all with Nagle off; then a second warm-up (every lane re-taking a pooled
+/// connection, each checked with a PING) must reuse them rather than open new ones.
+async fn check(backend: Backend, at_least: usize) {
+    let config = redis_config(backend, &unique_prefix());
+    let ports: Vec<u16> = config.urls.iter().map(|u| port_of(u)).collect();
+    let before = sockets_to(&ports);
+    let store = RedisStore::new(&config).expect("store");
+    store.warm_up().await.expect("warm up");
+    let opened: BTreeMap<u64, RawFd> = sockets_to(&ports)
+        .into_iter()
+        .filter(|(inode, _)| !before.contains_key(inode))
+        .collect();
+    assert!(
+        opened.len() >= at_least,
+        "{backend:?}: the store opened {} sockets to Redis, expected at least {at_least}",
+        opened.len()
+    );
+    let delayed: Vec<RawFd> = opened
+        .values()
+        .copied()
+        .filter(|&fd| !nodelay(fd))
+        .collect();
+    assert!(
+        delayed.is_empty(),
+        "{backend:?}: {} of the store's {} sockets to Redis have Nagle's algorithm on (fds {delayed:?})",
+        delayed.len(),
+        opened.len()
+    );
+
+    store.warm_up().await.expect("second warm up");
+    let after: Vec<u64> = sockets_to(&ports)
+        .into_keys()
+        .filter(|inode| !before.contains_key(inode) && !opened.contains_key(inode))
+        .collect();
+    assert!(
+        after.is_empty(),
+        "{backend:?}: re-taking pooled connections opened {} new sockets instead of reusing the \
+         ones that answer PING",
+        after.len()
+    );
+}
+
+#[tokio::test]
+async fn every_socket_to_redis_has_nagle_off_and_healthy_ones_are_reused() {
+    // Pool size 2 (the harness's): two connections to the one server; to the Cluster, each
+    // connection reaches all three masters.
+    check(Backend::Redis, 2).await;
+    check(Backend::Cluster, 6).await;
+}
