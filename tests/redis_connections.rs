@@ -1,5 +1,6 @@
 //! The store's sockets to Redis, standalone and Cluster: every one has Nagle's algorithm off
-//! (`TCP_NODELAY`), and a pooled connection that still answers is reused, not replaced.
+//! (`TCP_NODELAY`), also those that replace connections Redis dropped, and a pooled connection
+//! that still answers is reused, not replaced.
 //!
 //! Nagle's cost shows only across a real network (an acknowledgement a round trip away holds
 //! back the next pipelined write; see `src/store/redis/connect.rs`), never on loopback, so this
@@ -44,10 +45,11 @@ fn sockets_to(ports: &[u16]) -> BTreeMap<u64, RawFd> {
 
 /// The peer's port of an IPv4 socket connected to 127.0.0.1, if `fd` is one.
 fn peer_port(fd: RawFd) -> Option<u16> {
-    // SAFETY: `addr` is a zeroed sockaddr_storage and `len` its size; getpeername writes at
-    // most `len` bytes and fails harmlessly on a descriptor that is not a connected socket.
+    // SAFETY: all-zero bytes are a valid sockaddr_storage.
     let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `addr` is a sockaddr_storage and `len` its size; getpeername writes at most
+    // `len` bytes and fails harmlessly on a descriptor that is not a connected socket.
     let rc = unsafe { libc::getpeername(fd, (&raw mut addr).cast(), &mut len) };
     if rc != 0 || i32::from(addr.ss_family) != libc::AF_INET {
         return None;
@@ -82,9 +84,19 @@ fn port_of(url: &str) -> u16 {
         .expect("a redis://host:port URL")
 }
 
+/// The sockets among `sockets` that have Nagle's algorithm on.
+fn with_nagle(sockets: &BTreeMap<u64, RawFd>) -> Vec<RawFd> {
+    sockets
+        .values()
+        .copied()
+        .filter(|&fd| !nodelay(fd))
+        .collect()
+}
+
 /// Connects a store to `backend`, and checks the sockets it opened: at least `at_least` of
 /// them, all with Nagle off; then a second warm-up (every lane re-taking a pooled
-/// connection, each checked with a PING) must reuse them rather than open new ones.
+/// connection, each checked with a PING) must reuse them rather than open new ones; then,
+/// with Redis having dropped every client, a third must replace them, again with Nagle off.
 async fn check(backend: Backend, at_least: usize) {
     let config = redis_config(backend, &unique_prefix());
     let ports: Vec<u16> = config.urls.iter().map(|u| port_of(u)).collect();
@@ -100,11 +112,7 @@ async fn check(backend: Backend, at_least: usize) {
         "{backend:?}: the store opened {} sockets to Redis, expected at least {at_least}",
         opened.len()
     );
-    let delayed: Vec<RawFd> = opened
-        .values()
-        .copied()
-        .filter(|&fd| !nodelay(fd))
-        .collect();
+    let delayed = with_nagle(&opened);
     assert!(
         delayed.is_empty(),
         "{backend:?}: {} of the store's {} sockets to Redis have Nagle's algorithm on (fds {delayed:?})",
@@ -122,6 +130,41 @@ async fn check(backend: Backend, at_least: usize) {
         "{backend:?}: re-taking pooled connections opened {} new sockets instead of reusing the \
          ones that answer PING",
         after.len()
+    );
+
+    // Redis drops every client (a restart or failover looks the same from here); the PING
+    // check fails and the pool reconnects.
+    for url in &config.urls {
+        let mut admin = ::redis::Client::open(url.as_str())
+            .and_then(|c| c.get_connection())
+            .expect("admin connection");
+        let killed: i64 = ::redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .query(&mut admin)
+            .expect("CLIENT KILL");
+        assert!(killed >= 1, "{backend:?}: no client of {url} to drop");
+    }
+    store
+        .warm_up()
+        .await
+        .expect("warm up after Redis dropped its clients");
+    let replacements: BTreeMap<u64, RawFd> = sockets_to(&ports)
+        .into_iter()
+        .filter(|(inode, _)| !before.contains_key(inode) && !opened.contains_key(inode))
+        .collect();
+    assert!(
+        !replacements.is_empty(),
+        "{backend:?}: Redis dropped the store's connections, yet warming up again opened no new \
+         socket (a dead pooled connection passed its PING check)"
+    );
+    let delayed = with_nagle(&replacements);
+    assert!(
+        delayed.is_empty(),
+        "{backend:?}: {} of the {} sockets that replaced dropped ones have Nagle's algorithm on",
+        delayed.len(),
+        replacements.len()
     );
 }
 

@@ -4,12 +4,14 @@
 //! Every socket turns Nagle's algorithm off (`TCP_NODELAY`). redis-rs 1.x leaves it on, and
 //! the store's connections are multiplexed: while one script call is unanswered, Nagle holds
 //! the next write back until the peer acknowledges the first, which across a real network adds
-//! up to a round trip to every call that finds the socket busy (redis-rs issue #2195 measured
-//! 39–68 % less throughput and about twice the p50 on one multiplexed connection over a LAN).
-//! On loopback acknowledgements are immediate, so the load test cannot show it;
-//! `tests/redis_connections.rs` checks the socket option itself.
+//! up to a round trip to every call that finds the socket busy (redis-rs issue #2195: over a
+//! LAN, turning Nagle off gave one multiplexed connection 39–68 % more throughput and a 27–46 %
+//! lower p50; redis-rs 2.0 turns it off by default). On loopback acknowledgements are
+//! immediate, so the load test cannot show it; `tests/redis_connections.rs` checks the socket
+//! option itself.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
@@ -31,8 +33,8 @@ pub(super) fn standalone_manager(
     deadpool_redis::Manager::new_with_config(info, connection)
 }
 
-/// Creates cluster connections (each one a client of every master, sharing our TCP settings)
-/// and checks a pooled one with a `PING` before handing it out again.
+/// Creates cluster connections (each one holds a socket to every node of the slot map, all
+/// with our TCP settings) and checks a pooled one with a `PING` before handing it out again.
 pub(super) struct ClusterManager {
     client: ClusterClient,
     /// Each check's PING carries its own number, so an answer meant for another request (a
@@ -43,10 +45,12 @@ pub(super) struct ClusterManager {
 pub(super) type ClusterPool = managed::Pool<ClusterManager>;
 
 impl ClusterManager {
-    /// `urls`: the seed nodes. Builds the client only; nothing connects until the pool asks.
-    pub(super) fn new(urls: &[String]) -> RedisResult<Self> {
+    /// `urls`: the seed nodes; `connect_timeout` bounds each node's connect, as it does the
+    /// standalone server's. Builds the client only; nothing connects until the pool asks.
+    pub(super) fn new(urls: &[String], connect_timeout: Duration) -> RedisResult<Self> {
         let client = ClusterClientBuilder::new(urls.iter().map(String::as_str))
             .tcp_settings(tcp_settings())
+            .connection_timeout(connect_timeout)
             .build()?;
         Ok(ClusterManager {
             client,

@@ -1,8 +1,9 @@
-//! The Redis store: standalone Redis or Redis Cluster, through deadpool-redis.
+//! The Redis store: standalone Redis or Redis Cluster, through a deadpool pool (deadpool-redis's
+//! manager for a standalone server, `connect::ClusterManager` for a Cluster).
 //!
 //! # Connections
 //!
-//! deadpool-redis creates, health-checks and replaces connections, and bounds their number.
+//! The pool creates, health-checks and replaces connections, and bounds their number.
 //! Its checkout, though, recycles the connection with a `PING` round trip every time, which
 //! would double the cost of VerifyKey. redis-rs connections are multiplexed (many requests in
 //! flight on one socket, answers matched in order) and cheap to clone, so instead of checking a
@@ -237,8 +238,8 @@ impl RedisStore {
             let invalid = |text: String| {
                 StoreError::permanent(format!("invalid Redis Cluster configuration: {text}"))
             };
-            let manager =
-                connect::ClusterManager::new(&config.urls).map_err(|e| invalid(redact(&e)))?;
+            let manager = connect::ClusterManager::new(&config.urls, config.timeout)
+                .map_err(|e| invalid(redact(&e)))?;
             Pool::Cluster(
                 connect::ClusterPool::builder(manager)
                     .config(pool_config)
