@@ -2,7 +2,7 @@
 //!
 //! - [`memory::MemoryStore`]: the embedded store, used when no Redis is configured and as the
 //!   reference every conformance test compares against. Same semantics, not a toy.
-//! - [`redis::RedisStore`]: Redis standalone or Redis Cluster through deadpool-redis.
+//! - [`redis::RedisStore`]: Redis standalone or Redis Cluster, pooled with deadpool.
 //!
 //! Every operation that must be atomic (the key limit on create, revoke, rotate, the VerifyKey
 //! check-and-count) is one call here, so each adapter can make it atomic its own way (one
