@@ -21,7 +21,15 @@
 //!
 //! Options (after `--`): `--duration 10s --warmup 2s --concurrency 64 --connections 4
 //! --keys 1000 --memory-keys 100000 --slices 5 --redis-pool-size 2 --worker-threads 0
-//! --loadgen-threads 0 --only <scenario substring, or =exact name; several separated by ;>`.
+//! --loadgen-threads 0 --redis-delay 0ms --only <scenario substring, or =exact name; several
+//! separated by ;>`.
+//!
+//! `--redis-delay` puts Redis a network hop away from the throughput scenarios' services: a
+//! relay in this process holds every chunk that long in each direction (tokio's timer rounds
+//! up to whole milliseconds), as a LAN or another zone would. Loopback acknowledges every
+//! segment at once, which hides what a socket's settings cost across a real network (Nagle's
+//! algorithm, for one: README, Connections). The relay's work counts in the load generator's
+//! CPU column.
 
 #[path = "../tests/common/process.rs"]
 mod process;
@@ -85,6 +93,9 @@ struct Args {
     /// Worker threads of the load generator's own runtime (0 = one per core).
     #[arg(long, default_value_t = 0)]
     loadgen_threads: usize,
+    /// Redis this far away, each way, for the throughput scenarios' services (see above).
+    #[arg(long, default_value = "0ms", value_parser = sendable_keys::config::parse_duration)]
+    redis_delay: Duration,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -558,6 +569,65 @@ fn wanted(args: &Args, name: &str) -> bool {
     })
 }
 
+/// A relay to the Redis at `url` that holds every chunk for `delay` in each direction, in
+/// order, as if Redis were a network hop away; returns the URL to use instead. Its own sockets
+/// have Nagle off, so how the service's writes coalesce is up to the service's socket alone.
+async fn delay_relay(url: &str, delay: Duration) -> String {
+    let target = url
+        .strip_prefix("redis://")
+        .expect("a redis:// URL")
+        .to_owned();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the delay relay");
+    let addr = listener.local_addr().expect("relay address");
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                continue;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            tokio::spawn(delayed_pipe(client_read, server_write, delay));
+            tokio::spawn(delayed_pipe(server_read, client_write, delay));
+        }
+    });
+    format!("redis://{addr}")
+}
+
+/// Copies `from` to `to`, each chunk `delay` after it arrived.
+async fn delayed_pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((due, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0
+            || tx
+                .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+        {
+            break;
+        }
+    }
+    // The writer drains what is queued, then dropping its half closes the other side.
+    drop(tx);
+    let _ = writer.await;
+}
+
 fn main() {
     let args = Args::parse();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -600,10 +670,23 @@ async fn run(args: Args) {
     );
     println!();
 
+    // The services measured under load reach Redis through the delay relay, if asked for; the
+    // harness's own connections (commandstats) and the exactness and memory checks go direct.
+    let service_url = if args.redis_delay.is_zero() {
+        url.clone()
+    } else {
+        println!(
+            "Redis is {:?} away (rounded up to whole milliseconds), each way, from the throughput \
+             scenarios' services (--redis-delay)",
+            args.redis_delay
+        );
+        println!();
+        delay_relay(&url, args.redis_delay).await
+    };
     let memory = Service::start("memory", None, args.redis_pool_size, args.worker_threads);
     let on_redis = Service::start(
         "redis",
-        Some(&url),
+        Some(&service_url),
         args.redis_pool_size,
         args.worker_threads,
     );
@@ -611,7 +694,7 @@ async fn run(args: Args) {
     // batching is worth on this machine.
     let unbatched = Service::start_with(
         "redis, batching off",
-        Some(&url),
+        Some(&service_url),
         args.redis_pool_size,
         args.worker_threads,
         &[("SENDABLE_KEYS_REDIS_BATCHING", "false")],

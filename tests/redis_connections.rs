@@ -2,11 +2,12 @@
 //! (`TCP_NODELAY`), also those that replace connections Redis dropped, and a pooled connection
 //! that still answers is reused, not replaced.
 //!
-//! Nagle's cost shows only across a real network (an acknowledgement a round trip away holds
-//! back the next pipelined write; see `src/store/redis/connect.rs`), never on loopback, so this
-//! reads the socket option itself. The store's sockets are the ones to Redis's ports that
-//! appear in this process while the store connects; that holds because this binary runs this
-//! one test, so nothing else opens connections meanwhile.
+//! Nagle's cost shows only across a network (an acknowledgement a round trip away holds back
+//! the next pipelined write; see `src/store/redis/connect.rs` and the load generator's
+//! `--redis-delay`), never on plain loopback, so this reads the socket option itself. The
+//! store's sockets are the ones to Redis's ports that appear in this process while the store
+//! connects; that holds because this binary runs this one test, so nothing else opens
+//! connections meanwhile.
 
 mod common;
 
