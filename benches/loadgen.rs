@@ -21,8 +21,8 @@
 //!
 //! Options (after `--`): `--duration 10s --warmup 2s --concurrency 64 --connections 4
 //! --keys 1000 --memory-keys 100000 --slices 5 --redis-pool-size 2 --worker-threads 0
-//! --loadgen-threads 0 --redis-delay 0ms --only <scenario substring, or =exact name; several
-//! separated by ;>`.
+//! --loadgen-threads 0 --only <scenario substring, or =exact name; several separated by ;>`,
+//! and `--redis-delay 1ms` (off unless given).
 //!
 //! `--redis-delay` puts Redis a network hop away from the throughput scenarios' services: a
 //! relay in this process holds every chunk that long in each direction (tokio's timer rounds
@@ -93,9 +93,10 @@ struct Args {
     /// Worker threads of the load generator's own runtime (0 = one per core).
     #[arg(long, default_value_t = 0)]
     loadgen_threads: usize,
-    /// Redis this far away, each way, for the throughput scenarios' services (see above).
-    #[arg(long, default_value = "0ms", value_parser = sendable_keys::config::parse_duration)]
-    redis_delay: Duration,
+    /// Redis this far away, each way, for the throughput scenarios' services (see above; none
+    /// when not given).
+    #[arg(long, value_parser = sendable_keys::config::parse_duration)]
+    redis_delay: Option<Duration>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -672,16 +673,16 @@ async fn run(args: Args) {
 
     // The services measured under load reach Redis through the delay relay, if asked for; the
     // harness's own connections (commandstats) and the exactness and memory checks go direct.
-    let service_url = if args.redis_delay.is_zero() {
-        url.clone()
-    } else {
-        println!(
-            "Redis is {:?} away (rounded up to whole milliseconds), each way, from the throughput \
-             scenarios' services (--redis-delay)",
-            args.redis_delay
-        );
-        println!();
-        delay_relay(&url, args.redis_delay).await
+    let service_url = match args.redis_delay {
+        None => url.clone(),
+        Some(delay) => {
+            println!(
+                "Redis is {delay:?} away (rounded up to whole milliseconds), each way, from the \
+                 throughput scenarios' services (--redis-delay)"
+            );
+            println!();
+            delay_relay(&url, delay).await
+        }
     };
     let memory = Service::start("memory", None, args.redis_pool_size, args.worker_threads);
     let on_redis = Service::start(
