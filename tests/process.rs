@@ -84,6 +84,24 @@ async fn create_key(
         .into_inner()
 }
 
+/// VerifyKey of `key`, as the calling `service`.
+async fn verify(
+    mut keys: KeyServiceClient<tonic::transport::Channel>,
+    key: String,
+) -> pb::VerifyKeyResponse {
+    keys.verify_key(authed(
+        pb::VerifyKeyRequest {
+            key,
+            expected_environment: 0,
+            cost: 0,
+        },
+        SERVICE_TOKEN,
+    ))
+    .await
+    .expect("verify")
+    .into_inner()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_the_logs_or_the_metrics() {
     let mut process = start(&[]);
@@ -100,16 +118,7 @@ async fn no_secret_reaches_the_logs_or_the_metrics() {
         format!(" {} ", created.secret),
         created.secret.replace('a', "b"),
     ] {
-        keys.verify_key(authed(
-            pb::VerifyKeyRequest {
-                key,
-                expected_environment: 0,
-                cost: 0,
-            },
-            SERVICE_TOKEN,
-        ))
-        .await
-        .expect("verify");
+        verify(keys.clone(), key).await;
     }
     let rotated = keys
         .rotate_key(authed(
@@ -417,23 +426,9 @@ async fn metrics_show_verifications_per_script_call() {
     let keys = KeyServiceClient::new(channel.clone());
     create_session(&channel, "acme-batches", pb::Plan::Pro).await;
     let secret = create_key(&channel, "acme-batches", "").await.secret;
-    let verify = |mut keys: KeyServiceClient<tonic::transport::Channel>, key: String| async move {
-        keys.verify_key(authed(
-            pb::VerifyKeyRequest {
-                key,
-                expected_environment: 0,
-                cost: 0,
-            },
-            SERVICE_TOKEN,
-        ))
-        .await
-        .expect("verify")
-        .into_inner()
-        .decision
-    };
     // One call alone first: it loads the script, and is a script call of one.
     assert_eq!(
-        verify(keys.clone(), secret.clone()).await,
+        verify(keys.clone(), secret.clone()).await.decision,
         pb::Decision::Valid as i32
     );
     let (count, sum) = batch_histogram(&process.admin);
@@ -455,7 +450,9 @@ async fn metrics_show_verifications_per_script_call() {
     let answers =
         futures_util::future::join_all((0..n).map(|_| verify(keys.clone(), secret.clone()))).await;
     assert!(
-        answers.iter().all(|&d| d == pb::Decision::Valid as i32),
+        answers
+            .iter()
+            .all(|a| a.decision == pb::Decision::Valid as i32),
         "every call VALID: {answers:?}"
     );
     let script_calls = common::redis::commandstats(&mut conn)

@@ -85,6 +85,14 @@ fn port_of(url: &str) -> u16 {
         .expect("a redis://host:port URL")
 }
 
+/// The sockets to `ports` open now that are in none of `known`.
+fn new_sockets(ports: &[u16], known: &[&BTreeMap<u64, RawFd>]) -> BTreeMap<u64, RawFd> {
+    sockets_to(ports)
+        .into_iter()
+        .filter(|(inode, _)| known.iter().all(|k| !k.contains_key(inode)))
+        .collect()
+}
+
 /// The sockets among `sockets` that have Nagle's algorithm on.
 fn with_nagle(sockets: &BTreeMap<u64, RawFd>) -> Vec<RawFd> {
     sockets
@@ -104,10 +112,7 @@ async fn check(backend: Backend, at_least: usize) {
     let before = sockets_to(&ports);
     let store = RedisStore::new(&config).expect("store");
     store.warm_up().await.expect("warm up");
-    let opened: BTreeMap<u64, RawFd> = sockets_to(&ports)
-        .into_iter()
-        .filter(|(inode, _)| !before.contains_key(inode))
-        .collect();
+    let opened = new_sockets(&ports, &[&before]);
     assert!(
         opened.len() >= at_least,
         "{backend:?}: the store opened {} sockets to Redis, expected at least {at_least}",
@@ -122,10 +127,7 @@ async fn check(backend: Backend, at_least: usize) {
     );
 
     store.warm_up().await.expect("second warm up");
-    let after: Vec<u64> = sockets_to(&ports)
-        .into_keys()
-        .filter(|inode| !before.contains_key(inode) && !opened.contains_key(inode))
-        .collect();
+    let after = new_sockets(&ports, &[&before, &opened]);
     assert!(
         after.is_empty(),
         "{backend:?}: re-taking pooled connections opened {} new sockets instead of reusing the \
@@ -151,10 +153,7 @@ async fn check(backend: Backend, at_least: usize) {
         .warm_up()
         .await
         .expect("warm up after Redis dropped its clients");
-    let replacements: BTreeMap<u64, RawFd> = sockets_to(&ports)
-        .into_iter()
-        .filter(|(inode, _)| !before.contains_key(inode) && !opened.contains_key(inode))
-        .collect();
+    let replacements = new_sockets(&ports, &[&before, &opened]);
     assert!(
         !replacements.is_empty(),
         "{backend:?}: Redis dropped the store's connections, yet warming up again opened no new \
