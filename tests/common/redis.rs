@@ -1,6 +1,7 @@
 //! Real Redis for the tests: one standalone `redis-server` and one 3-master Redis Cluster per
 //! test binary, each on free loopback ports, started on first use and shared by every test of
-//! the binary (tests isolate themselves with their own key prefix, so they run in parallel).
+//! the binary (tests isolate themselves with their own key prefix, so they run in parallel);
+//! and, for fault tests, servers and a replicated cluster that one test owns and can kill.
 //!
 //! The servers never outlive the test process: they are spawned from a thread that lives until
 //! the process exits, with `PR_SET_PDEATHSIG`, so the kernel kills them when it does — even if
@@ -115,11 +116,21 @@ pub struct DedicatedRedis {
 
 impl DedicatedRedis {
     pub fn start() -> Self {
-        let (server, child) = start_server_on(None, &[]);
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with `extra` redis-server arguments.
+    pub fn start_with(extra: &[&str]) -> Self {
+        let (server, child) = start_server_on(None, extra);
         DedicatedRedis {
             server,
             child: Some(child),
         }
+    }
+
+    /// Whether the server is still running (not killed by the test).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Kills the server (SIGKILL: no graceful goodbye to clients, like a crashed node).
@@ -130,7 +141,8 @@ impl DedicatedRedis {
         }
     }
 
-    /// Starts a fresh, empty server on the same port.
+    /// Starts a fresh, empty standalone server on the same port (not for cluster nodes, whose
+    /// identity lives in a nodes.conf that a restart does not keep).
     pub fn restart(&mut self) {
         self.kill();
         let (server, child) = start_server_on(Some(self.server.port), &[]);
@@ -211,29 +223,38 @@ pub fn cluster() -> &'static RedisCluster {
     CLUSTER.get_or_init(start_cluster)
 }
 
+/// Cluster-mode arguments for a node; `node_timeout_ms` is how long a silent node takes to be
+/// marked failed (and its replica promoted).
+fn cluster_node_args(node_timeout_ms: &str) -> [&str; 6] {
+    [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        "--cluster-node-timeout",
+        node_timeout_ms,
+    ]
+}
+
 fn start_cluster() -> RedisCluster {
     require_binary("redis-cli");
     let nodes: Vec<RedisServer> = (0..3)
-        .map(|_| {
-            start_server(&[
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-node-timeout",
-                "2000",
-            ])
-        })
+        .map(|_| start_server(&cluster_node_args("2000")))
         .collect();
-    let addrs: Vec<String> = nodes
-        .iter()
-        .map(|n| format!("127.0.0.1:{}", n.port))
-        .collect();
+    create_cluster(&nodes.iter().map(|n| n.port).collect::<Vec<_>>(), 0);
+    let cluster = RedisCluster { nodes };
+    wait_cluster_ok(&cluster.urls());
+    cluster
+}
+
+/// `redis-cli --cluster create` over the nodes on `ports`, `replicas` replicas per master.
+fn create_cluster(ports: &[u16], replicas: usize) {
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let output = Command::new("redis-cli")
         .arg("--cluster")
         .arg("create")
         .args(&addrs)
-        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
         .output()
         .expect("redis-cli runs");
     assert!(
@@ -242,18 +263,124 @@ fn start_cluster() -> RedisCluster {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    let cluster = RedisCluster { nodes };
-    wait_cluster_ok(&cluster);
-    cluster
+}
+
+/// A Redis Cluster owned by one test: 3 masters with one replica each, on a 1 s node timeout,
+/// so the test can fail a master over (by hand, or by killing it) and watch the service follow.
+pub struct ReplicatedCluster {
+    pub nodes: Vec<DedicatedRedis>,
+}
+
+impl ReplicatedCluster {
+    pub fn start() -> Self {
+        require_binary("redis-cli");
+        let nodes: Vec<DedicatedRedis> = (0..6)
+            .map(|_| DedicatedRedis::start_with(&cluster_node_args("1000")))
+            .collect();
+        create_cluster(&nodes.iter().map(|n| n.server.port).collect::<Vec<_>>(), 1);
+        let cluster = ReplicatedCluster { nodes };
+        wait_cluster_ok(&cluster.urls());
+        for node in &cluster.nodes {
+            if node_role(&node.server.url()) == "slave" {
+                wait_replica_in_sync(&node.server.url());
+            }
+        }
+        cluster
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.server.url()).collect()
+    }
+
+    /// Kills (SIGKILL) the node on `port`, as a crash would.
+    pub fn kill(&mut self, port: u16) {
+        if let Some(node) = self.nodes.iter_mut().find(|n| n.server.port == port) {
+            node.kill();
+        }
+    }
+}
+
+/// `master` or `slave`: the first word of the node's `ROLE` reply.
+pub fn node_role(url: &str) -> String {
+    let client = redis::Client::open(url).expect("url");
+    let mut conn = client.get_connection().expect("connect");
+    let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut conn).expect("ROLE");
+    match role.first() {
+        Some(redis::Value::BulkString(bytes)) => String::from_utf8_lossy(bytes).into_owned(),
+        other => panic!("unexpected ROLE reply: {other:?}"),
+    }
+}
+
+/// The port of the replica that follows the master at `url`.
+pub fn replica_of(url: &str) -> u16 {
+    let client = redis::Client::open(url).expect("url");
+    let mut conn = client.get_connection().expect("connect");
+    let info: String = redis::cmd("INFO")
+        .arg("replication")
+        .query(&mut conn)
+        .expect("INFO replication");
+    // slave0:ip=127.0.0.1,port=40000,state=online,offset=..,lag=..
+    info.lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix("slave0:")?;
+            rest.split(',')
+                .find_map(|kv| kv.strip_prefix("port="))?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no replica reported by {url}: {info}"))
+}
+
+/// Polls a replica until its link to the master is up and it has applied everything the
+/// master reported at that moment (the replica's own offset reaches the master's), bounded at
+/// 30 s: after this, a crash of the master loses nothing written before the call.
+pub fn wait_replica_in_sync(replica_url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let client = redis::Client::open(replica_url).expect("url");
+    let mut conn = client.get_connection().expect("connect to replica");
+    let field = |info: &str, name: &str| -> Option<String> {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':').map(str::to_owned))
+    };
+    let mut target: Option<u64> = None;
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut conn)
+            .expect("INFO replication");
+        let up = field(&info, "master_link_status").as_deref() == Some("up");
+        if up && target.is_none() {
+            let host = field(&info, "master_host").expect("master_host");
+            let port = field(&info, "master_port").expect("master_port");
+            let master = redis::Client::open(format!("redis://{host}:{port}")).expect("url");
+            let mut m = master.get_connection().expect("connect to master");
+            let minfo: String = redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut m)
+                .expect("INFO replication");
+            target = field(&minfo, "master_repl_offset").and_then(|v| v.parse().ok());
+        }
+        let applied: Option<u64> = field(&info, "slave_repl_offset").and_then(|v| v.parse().ok());
+        if let (true, Some(t), Some(a)) = (up, target, applied)
+            && a >= t
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica {replica_url} never caught up: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Gossip needs a moment after `--cluster create` before every node reports the cluster as
 /// ok. This polls each node's own view (a state change, not a server that is already
 /// listening), bounded at 30 s.
-fn wait_cluster_ok(cluster: &RedisCluster) {
+pub fn wait_cluster_ok(urls: &[String]) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    for node in &cluster.nodes {
-        let client = redis::Client::open(node.url()).expect("url");
+    for url in urls {
+        let client = redis::Client::open(url.as_str()).expect("url");
         let mut conn = client.get_connection().expect("connect to cluster node");
         loop {
             let info: String = redis::cmd("CLUSTER")

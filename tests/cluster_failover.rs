@@ -1,0 +1,178 @@
+//! A Redis Cluster fails over under the service: first by hand (`CLUSTER FAILOVER`, what an
+//! operator or an orchestrator does for maintenance), then by a crash (the master is killed and
+//! the cluster promotes its replica). The service must follow both by itself: same answers,
+//! same rate-limit counts, revoked keys still revoked, scripts working on a master that may
+//! never have loaded them, and, while no master owns the key's slot, failing closed
+//! (UNAVAILABLE), never answering a guess.
+//!
+//! Its own binary, because it owns a six-node cluster whose topology it changes.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::redis::{ReplicatedCluster, node_role, replica_of, wait_replica_in_sync};
+use common::{
+    Backend, TestServer, create_enterprise_session, create_key, decision, unique_prefix,
+    unique_session, verify,
+};
+use sendable_keys::grpc::pb;
+use sendable_keys::grpc::pb::key_service_client::KeyServiceClient;
+use sendable_keys::store::redis::{RedisConfig, RedisStore};
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// Requests a minute for the test's session: small, so the counts are easy to follow.
+const LIMIT: u32 = 20;
+
+/// The port of the master that holds everything stored under `prefix` (a session and its keys
+/// share one hash tag, so one slot, so one master).
+fn master_holding(cluster: &ReplicatedCluster, prefix: &str) -> u16 {
+    let holders: Vec<u16> = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.is_running() && node_role(&n.server.url()) == "master")
+        .filter(|n| common::redis::count_keys(&n.server.url(), prefix) > 0)
+        .map(|n| n.server.port)
+        .collect();
+    assert_eq!(holders.len(), 1, "the session's data on one master");
+    holders[0]
+}
+
+/// Polls `port`'s role until it is `master`, bounded at 30 s (a state change the cluster makes
+/// on its own schedule, not a server that is already listening).
+fn wait_until_master(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node_role(&format!("redis://127.0.0.1:{port}")) != "master" {
+        assert!(Instant::now() < deadline, "node {port} never became master");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Verifies `secret` until an answer comes (bounded at 30 s); every failure on the way must be
+/// UNAVAILABLE, the store's "no answer" — never another code, never a wrong decision. Returns
+/// the answer and how many calls failed first.
+async fn verify_until_answered(
+    c: &mut KeyServiceClient<Channel>,
+    secret: &str,
+) -> (pb::VerifyKeyResponse, usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut failed = 0;
+    loop {
+        match c
+            .verify_key(pb::VerifyKeyRequest {
+                key: secret.to_owned(),
+                expected_environment: 0,
+                cost: 0,
+            })
+            .await
+        {
+            Ok(answer) => return (answer.into_inner(), failed),
+            Err(err) => {
+                assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+                failed += 1;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VerifyKey still failing after {failed} calls"
+        );
+    }
+}
+
+fn remaining(answer: &pb::VerifyKeyResponse) -> u32 {
+    answer.rate_limit.as_ref().expect("rate limit").remaining
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_follows_a_manual_and_a_crash_failover() {
+    let mut cluster = tokio::task::spawn_blocking(ReplicatedCluster::start)
+        .await
+        .expect("cluster");
+    let prefix = unique_prefix();
+    let store = RedisStore::new(&RedisConfig {
+        urls: cluster.urls(),
+        cluster: true,
+        pool_size: 2,
+        batching: true,
+        prefix: prefix.clone(),
+        timeout: Duration::from_secs(1),
+    })
+    .expect("store");
+    store.warm_up().await.expect("cluster reachable");
+    let server = TestServer::start_on_store(Arc::new(store), Backend::Cluster, &prefix).await;
+    let mut c = server.keys();
+    let session = unique_session("failover");
+    create_enterprise_session(&mut c, &session, LIMIT).await;
+    let (_, secret) = create_key(&mut c, &session).await;
+    let (revoked, revoked_secret) = create_key(&mut c, &session).await;
+    c.revoke_key(pb::RevokeKeyRequest {
+        key_id: revoked.key_id,
+        reason: "before the failover".into(),
+    })
+    .await
+    .expect("revoke");
+    // The test's clock stands still, so every call below falls in one window.
+    for used in 1..=3 {
+        let answer = verify(&mut c, &secret).await;
+        assert_eq!(decision(&answer), pb::Decision::Valid);
+        assert_eq!(remaining(&answer), LIMIT - used);
+    }
+
+    // 1. By hand: the replica takes over once it has everything (Redis's manual failover waits
+    // for the replica to catch up), so nothing is lost and no call should fail.
+    let first = master_holding(&cluster, &prefix);
+    let promoted = replica_of(&format!("redis://127.0.0.1:{first}"));
+    {
+        let client = ::redis::Client::open(format!("redis://127.0.0.1:{promoted}")).expect("url");
+        let mut conn = client.get_connection().expect("connect to replica");
+        let _: () = ::redis::cmd("CLUSTER")
+            .arg("FAILOVER")
+            .query(&mut conn)
+            .expect("CLUSTER FAILOVER");
+    }
+    tokio::task::spawn_blocking(move || wait_until_master(promoted))
+        .await
+        .expect("wait");
+    let (answer, failed) = verify_until_answered(&mut c, &secret).await;
+    assert_eq!(failed, 0, "a planned failover fails no call");
+    assert_eq!(decision(&answer), pb::Decision::Valid);
+    assert_eq!(
+        remaining(&answer),
+        LIMIT - 4,
+        "the count moved with the slot"
+    );
+    assert_eq!(
+        decision(&verify(&mut c, &revoked_secret).await),
+        pb::Decision::Revoked
+    );
+    assert_eq!(master_holding(&cluster, &prefix), promoted);
+
+    // 2. A crash: the new master dies without a word, after its replica (the old master) has
+    // everything; the cluster notices within its 1 s node timeout and promotes the replica.
+    tokio::task::spawn_blocking(move || {
+        wait_replica_in_sync(&format!("redis://127.0.0.1:{first}"))
+    })
+    .await
+    .expect("sync");
+    cluster.kill(promoted);
+    let (answer, failed) = verify_until_answered(&mut c, &secret).await;
+    assert_eq!(decision(&answer), pb::Decision::Valid, "{answer:?}");
+    assert_eq!(remaining(&answer), LIMIT - 5, "no count lost or doubled");
+    assert!(
+        failed >= 1,
+        "while no master owned the slot, calls failed closed"
+    );
+    assert_eq!(node_role(&format!("redis://127.0.0.1:{first}")), "master");
+    assert_eq!(
+        decision(&verify(&mut c, &revoked_secret).await),
+        pb::Decision::Revoked
+    );
+    // Management follows too: a new key on the new master verifies.
+    let (_, fresh) = create_key(&mut c, &session).await;
+    let answer = verify(&mut c, &fresh).await;
+    assert_eq!(decision(&answer), pb::Decision::Valid);
+    assert_eq!(remaining(&answer), LIMIT - 1);
+    server.stop().await;
+}
