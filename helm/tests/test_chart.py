@@ -597,6 +597,19 @@ class ConfigAndChecksums(unittest.TestCase):
         self.assertEqual(alerts["traffic_spike"], {"fire": 3.0, "resolve": 2.0, "min_requests": 100})
         self.assertIsInstance(alerts["traffic_spike"]["fire"], float)
 
+    def test_alert_resolve_must_be_below_fire(self):
+        # The server refuses these at startup; the chart refuses them at install.
+        for name in ("nearRateLimit", "highErrorRate", "trafficSpike"):
+            with self.subTest(alert=name):
+                with self.assertRaisesRegex(RenderError, f"config.alerts.{name}: resolve"):
+                    render({"config": {"alerts": {name: {"fire": 0.5, "resolve": 0.5}}}})
+                with self.assertRaises(RenderError):
+                    render({"config": {"alerts": {name: {"fire": 0.5, "resolve": 0}}}})
+        cm = only(render({"config": {"alerts": {"nearRateLimit": {"fire": 0.9, "resolve": 0.85}}}}),
+                  "ConfigMap")
+        alerts = tomllib.loads(cm["data"]["alerts.toml"])
+        self.assertEqual(alerts["near_rate_limit"], {"fire": 0.9, "resolve": 0.85})
+
     def test_custom_enterprise_plan(self):
         cm = only(render({"config": {"plans": {"enterprise": {"rateLimitPerMinute": 20000}}}}), "ConfigMap")
         plans = tomllib.loads(cm["data"]["plans.toml"])

@@ -233,6 +233,12 @@ combination fails `helm template`, `helm lint` and `helm install` with a clear m
 {{- if gt (add $drainMs 2000) $graceMs }}
 {{- fail (printf "config.drainTimeout (%s) must be at least 2s shorter than terminationGracePeriodSeconds (%ds), or Kubernetes kills the pod mid-drain" $v.config.drainTimeout (int $v.terminationGracePeriodSeconds)) }}
 {{- end }}
+{{- /* The server refuses to start unless 0 < resolve < fire; say so at install time. */}}
+{{- range $name, $levels := $v.config.alerts }}
+{{- if ge (float64 $levels.resolve) (float64 $levels.fire) }}
+{{- fail (printf "config.alerts.%s: resolve (%v) must be below fire (%v), or the alert could never clear" $name $levels.resolve $levels.fire) }}
+{{- end }}
+{{- end }}
 {{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
 {{- end }}
