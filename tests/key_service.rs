@@ -574,7 +574,7 @@ async fn rotation_with_grace_keeps_both_keys_working(backend: Backend) {
     let mut c = server.keys();
     let id = unique_session("rotate");
     create_session(&mut c, &id, pb::Plan::Free, pb::Environment::Live).await;
-    // A Free session at its limit can still rotate: rotation replaces, it does not add.
+    // A Free session at its limit can still rotate: a rotation may go one key over.
     let (old, old_secret) = create_key(&mut c, &id).await;
     create_key(&mut c, &id).await;
     create_key(&mut c, &id).await;
@@ -614,7 +614,10 @@ async fn rotation_with_grace_keeps_both_keys_working(backend: Backend) {
         .await
         .expect("get")
         .into_inner();
-    assert_eq!(session.active_keys, 3, "the old key no longer counts");
+    assert_eq!(
+        session.active_keys, 4,
+        "the old key counts while it works, one over the limit"
+    );
 
     // Rotating the old key again is refused: rotate the replacement instead.
     let err = c
@@ -635,6 +638,105 @@ async fn rotation_with_grace_keeps_both_keys_working(backend: Backend) {
         decision(&verify(&mut c, &rotated.secret).await),
         pb::Decision::Valid
     );
+    let session = c
+        .get_session(pb::GetSessionRequest {
+            session_id: id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(
+        session.active_keys, 3,
+        "the old key stopped counting as it expired"
+    );
+}
+
+/// Rotating the replacement again and again, each time with a grace period, must not give a
+/// session more working keys than its limit plus the one a rotation in progress may add:
+/// otherwise a Free session (3 keys, 60/min each) could run any number of keys at once.
+async fn chained_rotations_stop_one_key_over_the_limit(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut c = server.keys();
+    let id = unique_session("chain");
+    create_session(&mut c, &id, pb::Plan::Free, pb::Environment::Live).await;
+    let mut secrets = Vec::new();
+    let mut newest = String::new();
+    for _ in 0..3 {
+        let (key, secret) = create_key(&mut c, &id).await;
+        newest = key.key_id;
+        secrets.push(secret);
+    }
+    let rotate = |key_id: String, grace_s: i64| pb::RotateKeyRequest {
+        key_id,
+        grace_period: Some(prost_types::Duration {
+            seconds: grace_s,
+            nanos: 0,
+        }),
+    };
+    let first = c
+        .rotate_key(rotate(newest.clone(), 86_400))
+        .await
+        .expect("a session at its limit can rotate")
+        .into_inner();
+    secrets.push(first.secret.clone());
+    let replacement = first.new_key.expect("new").key_id;
+    // A second rotation with a grace period would make five working keys: refused, and
+    // nothing is written.
+    let err = c
+        .rotate_key(rotate(replacement.clone(), 86_400))
+        .await
+        .expect_err("two over the limit");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(reason(&err), "KEY_LIMIT_REACHED");
+    assert!(err.message().contains("grace period"), "{}", err.message());
+    let listed = c
+        .list_keys(pb::ListKeysRequest {
+            session_id: id.clone(),
+            page_size: 100,
+            page_token: String::new(),
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.keys.len(), 4, "the refused rotation created no key");
+    let err = c
+        .create_key(pb::CreateKeyRequest {
+            session_id: id.clone(),
+            name: "extra".into(),
+            expire_time: None,
+        })
+        .await
+        .expect_err("no new key while over the limit");
+    assert_eq!(reason(&err), "KEY_LIMIT_REACHED");
+    let mut working = 0;
+    for secret in &secrets {
+        working += usize::from(decision(&verify(&mut c, secret).await) == pb::Decision::Valid);
+    }
+    assert_eq!(working, 4, "the limit plus the key in its grace period");
+
+    // Rotating with no grace period swaps two keys and is always allowed.
+    let swapped = c
+        .rotate_key(pb::RotateKeyRequest {
+            key_id: replacement,
+            grace_period: None,
+        })
+        .await
+        .expect("rotation that revokes at once")
+        .into_inner();
+    assert_eq!(
+        swapped.old_key.expect("old").status,
+        pb::KeyStatus::Revoked as i32
+    );
+    // Once the first rotation's grace ends, the session is back at its limit and can rotate
+    // with a grace period again.
+    server.clock.advance(86_400_000);
+    assert_eq!(
+        decision(&verify(&mut c, &secrets[2]).await),
+        pb::Decision::Expired
+    );
+    c.rotate_key(rotate(swapped.new_key.expect("new").key_id, 3600))
+        .await
+        .expect("rotation after the grace period ended");
 }
 
 async fn rotation_without_grace_revokes_at_once(backend: Backend) {
@@ -1043,6 +1145,7 @@ for_all_stores!(
     revocation_is_immediate_and_final,
     rotation_with_grace_keeps_both_keys_working,
     rotation_without_grace_revokes_at_once,
+    chained_rotations_stop_one_key_over_the_limit,
     a_thousand_concurrent_verifies_admit_exactly_sixty,
     the_window_slides_with_the_clock,
     sliding_window_error_against_an_exact_log_is_bounded,

@@ -53,10 +53,11 @@ impl KeyRecord {
         }
     }
 
-    /// Whether the key counts toward its session's key limit: active, and not on its way out
-    /// after a rotation (a rotation replaces a key, it does not add one).
+    /// Whether the key counts toward its session's key limit: whenever it works, so also
+    /// while it is on its way out after a rotation (its grace period). Otherwise rotating the
+    /// replacement again and again would give a session any number of working keys.
     pub fn counts_toward_limit(&self, now: Millis) -> bool {
-        self.status_at(now) == KeyStatus::Active && self.replaced_by.is_none()
+        self.status_at(now) == KeyStatus::Active
     }
 
     /// `sk_live_AbCd1234`: safe to show and log.
@@ -89,8 +90,9 @@ mod tests {
         assert!(key.counts_toward_limit(99));
         assert_eq!(key.status_at(100), KeyStatus::Expired);
         assert!(!key.counts_toward_limit(100));
+        // In its rotation grace period a key still works, so it still counts.
         key.replaced_by = KeyId::parse("Zz990000");
-        assert!(!key.counts_toward_limit(50));
+        assert!(key.counts_toward_limit(50));
         key.state = KeyState::Revoked;
         assert_eq!(key.status_at(0), KeyStatus::Revoked);
     }

@@ -72,12 +72,20 @@ pub enum DomainError {
     #[error("{} {id} already exists", .resource.name())]
     AlreadyExists { resource: Resource, id: String },
     #[error(
-        "session {session_id} already has {max_keys} active keys, the most its plan ({plan}) allows"
+        "session {session_id} already has {max_keys} active keys, the most its plan ({plan}) allows{}",
+        if *.rotating {
+            ", and a rotated key's grace period is still running (a rotation may add one key \
+             over the limit, not two): revoke the old key, or rotate with grace_period 0"
+        } else {
+            ""
+        }
     )]
     KeyLimitReached {
         session_id: String,
         plan: Plan,
         max_keys: u32,
+        /// Refused a rotation with a grace period, not a new key.
+        rotating: bool,
     },
     /// The request is valid but the resource is not in a state that allows it.
     #[error("{message}")]

@@ -65,6 +65,15 @@ pub struct SessionRecord {
     pub active_keys: u32,
 }
 
+impl SessionRecord {
+    /// The session's key limit: its custom value, else its plan's from `plan_max_keys` (in
+    /// plan-code order, as the stores take it); 0 = unlimited.
+    pub fn max_keys(&self, plan_max_keys: [u32; 4]) -> u32 {
+        self.custom_max_keys
+            .unwrap_or(plan_max_keys[usize::from(self.plan.code() - 1)])
+    }
+}
+
 /// A requested change. `Some(None)` in a custom field removes the override.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SessionPatch {

@@ -98,6 +98,7 @@ fn domain_status(err: &DomainError) -> (Code, String, ErrorDetails) {
             session_id,
             plan,
             max_keys,
+            rotating,
         } => {
             let mut details = ErrorDetails::with_error_info(
                 "KEY_LIMIT_REACHED",
@@ -110,9 +111,18 @@ fn domain_status(err: &DomainError) -> (Code, String, ErrorDetails) {
             );
             details.add_quota_failure_violation(
                 format!("sessions/{session_id}"),
-                format!(
-                    "at most {max_keys} active keys on plan {plan}; revoke a key or upgrade the plan"
-                ),
+                if *rotating {
+                    format!(
+                        "at most {max_keys} active keys on plan {plan}, one more while a rotated \
+                         key's grace period runs; revoke the key in its grace period or upgrade \
+                         the plan"
+                    )
+                } else {
+                    format!(
+                        "at most {max_keys} active keys on plan {plan}; revoke a key or upgrade \
+                         the plan"
+                    )
+                },
             );
             (Code::ResourceExhausted, message, details)
         }

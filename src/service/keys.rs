@@ -409,6 +409,7 @@ impl<S: Store> KeyService<S> {
                         session_id: session_id.to_string(),
                         plan,
                         max_keys,
+                        rotating: false,
                     }
                     .into());
                 }
@@ -572,9 +573,22 @@ impl<S: Store> KeyService<S> {
                 hash,
                 hash_version: HASH_VERSION,
             };
-            match self.store.rotate_key(id, new, old_expires_at, now).await? {
+            match self
+                .store
+                .rotate_key(id, new, old_expires_at, self.plans().max_keys(), now)
+                .await?
+            {
                 RotateKey::Rotated { old, new } => return Ok((*old, *new, issued)),
                 RotateKey::KeyIdTaken => continue,
+                RotateKey::LimitReached { max_keys, plan } => {
+                    return Err(DomainError::KeyLimitReached {
+                        session_id: old.session_id.to_string(),
+                        plan,
+                        max_keys,
+                        rotating: true,
+                    }
+                    .into());
+                }
                 RotateKey::NotFound => return Err(key_not_found(id)),
                 // Lost a race with a concurrent revoke or rotate: report what happened.
                 RotateKey::NotActive | RotateKey::AlreadyRotated => {

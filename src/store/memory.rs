@@ -217,9 +217,7 @@ impl KeyStore for MemoryStore {
             return Ok(InsertKey::SessionNotFound);
         };
         let session = &entry.record;
-        let max_keys = session
-            .custom_max_keys
-            .unwrap_or(plan_max_keys[usize::from(session.plan.code() - 1)]);
+        let max_keys = session.max_keys(plan_max_keys);
         let active = shard.active_keys(entry, now);
         if max_keys > 0 && active >= max_keys {
             return Ok(InsertKey::LimitReached {
@@ -289,6 +287,7 @@ impl KeyStore for MemoryStore {
         old: &KeyId,
         new: NewKey<'_>,
         old_expires_at: Option<Millis>,
+        plan_max_keys: [u32; 4],
         now: Millis,
     ) -> StoreResult<RotateKey> {
         let mut shard = self.shard(old.shard());
@@ -306,6 +305,21 @@ impl KeyStore for MemoryStore {
         }
         if shard.keys.contains_key(&new.record.id) {
             return Ok(RotateKey::KeyIdTaken);
+        }
+        if old_expires_at.is_some() {
+            let Some(entry) = shard.sessions.get(&new.record.session_id) else {
+                return Ok(RotateKey::NotFound);
+            };
+            let session = &entry.record;
+            let max_keys = session.max_keys(plan_max_keys);
+            // The old key is among those counted: one over the limit after this rotation at
+            // most.
+            if max_keys > 0 && shard.active_keys(entry, now) > max_keys {
+                return Ok(RotateKey::LimitReached {
+                    max_keys,
+                    plan: session.plan,
+                });
+            }
         }
         shard.insert_new(new);
         let Some(old_entry) = shard.keys.get_mut(old) else {

@@ -80,6 +80,12 @@ pub enum RotateKey {
     AlreadyRotated,
     /// The new key id is taken (draw another one and retry).
     KeyIdTaken,
+    /// A rotation with a grace period would take the session more than one key over its key
+    /// limit: another rotated key's grace period is still running.
+    LimitReached {
+        max_keys: u32,
+        plan: Plan,
+    },
 }
 
 /// Result of [`SessionStore::replace_session`].
@@ -144,9 +150,10 @@ pub trait SessionStore: Send + Sync + 'static {
 }
 
 pub trait KeyStore: Send + Sync + 'static {
-    /// Stores a key if its session exists and, counting only keys that are active at `now` and
-    /// not rotated out, is below its key limit (custom value, else `plan_max_keys` by plan
-    /// code; 0 = unlimited). Atomic with respect to concurrent inserts.
+    /// Stores a key if its session exists and, counting the keys that are active at `now`
+    /// (keys in a rotation's grace period included), is below its key limit (custom value,
+    /// else `plan_max_keys` by plan code; 0 = unlimited). Atomic with respect to concurrent
+    /// inserts.
     fn insert_key(
         &self,
         key: NewKey<'_>,
@@ -176,12 +183,17 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Atomically: stores `new` and marks `old` as replaced by it; the old key then expires at
     /// `old_expires_at` (or earlier if it already had an earlier expiry), or is revoked now
-    /// when that is `None`. `new` takes over `old`'s place in the key limit.
+    /// when that is `None`. The old key counts toward the key limit until it expires, and a
+    /// rotation may take a session one key over its limit (so a session at its limit can
+    /// rotate without downtime) but no further: with `old_expires_at` set, the rotation is
+    /// refused (`LimitReached`) when the keys counting now, the old one included, already
+    /// exceed the limit. A rotation that revokes the old key at once is never refused.
     fn rotate_key(
         &self,
         old: &KeyId,
         new: NewKey<'_>,
         old_expires_at: Option<Millis>,
+        plan_max_keys: [u32; 4],
         now: Millis,
     ) -> impl Future<Output = StoreResult<RotateKey>> + Send;
 

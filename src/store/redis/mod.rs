@@ -857,6 +857,7 @@ impl KeyStore for RedisStore {
         old: &KeyId,
         new: NewKey<'_>,
         old_expires_at: Option<Millis>,
+        plan_max_keys: [u32; 4],
         now: Millis,
     ) -> StoreResult<RotateKey> {
         let r = new.record;
@@ -866,6 +867,7 @@ impl KeyStore for RedisStore {
             self.keys.index(&r.session_id),
             self.keys.active(&r.session_id),
             self.keys.alerts(old),
+            self.keys.sessions(r.session_id.shard()),
         ];
         let reply: Vec<Value> = self
             .run("rotate_key", |mut c| async move {
@@ -881,7 +883,8 @@ impl KeyStore for RedisStore {
                     .arg(r.expire_ms.map(|x| x.to_string()).unwrap_or_default())
                     .arg(index_member(r.create_ms, &r.id))
                     .arg(old_expires_at.map(|x| x.to_string()).unwrap_or_default())
-                    .arg(ROTATED_REASON);
+                    .arg(ROTATED_REASON)
+                    .arg(&plan_max_keys[..]);
                 inv.invoke_async(&mut c).await
             })
             .await?;
@@ -902,7 +905,12 @@ impl KeyStore for RedisStore {
             -1 => Ok(RotateKey::NotFound),
             -2 => Ok(RotateKey::NotActive),
             -3 => Ok(RotateKey::AlreadyRotated),
-            _ => Ok(RotateKey::KeyIdTaken),
+            -4 => Ok(RotateKey::KeyIdTaken),
+            -5 => Ok(RotateKey::LimitReached {
+                max_keys: u32::try_from(int(reply.get(1))?).unwrap_or(u32::MAX),
+                plan: Plan::from_code(int(reply.get(2))?).ok_or_else(|| corrupt("session"))?,
+            }),
+            _ => Err(StoreError::permanent("redis: unexpected RotateKey reply")),
         }
     }
 

@@ -293,17 +293,21 @@ return redis.call('HMGET', KEYS[1], 's', 'e', 'n', 'st', 'ct', 'lu', 'x', 'rt', 
 /// RotateKey: create the replacement and retire the old key, atomically.
 ///
 /// KEYS[1] old key record, KEYS[2] new key record, KEYS[3] session index, KEYS[4] session
-/// active set, KEYS[5] the old key's alert state.
+/// active set, KEYS[5] the old key's alert state, KEYS[6] the shard's session table.
 /// ARGV[1] now, ARGV[2] old key id, ARGV[3] new key id, ARGV[4] session id, ARGV[5] env code,
 /// ARGV[6] new hash (version byte + 32 bytes), ARGV[7] name, ARGV[8] new expire ms ('' =
 /// never), ARGV[9] new index member, ARGV[10] old key's new expiry ('' = revoke now),
-/// ARGV[11] revoke reason used when revoking now.
+/// ARGV[11] revoke reason used when revoking now, ARGV[12..15] default key limit of plans
+/// 1..4 (0 = unlimited).
 ///
 /// Reply: `{1, old fields, new fields}`; `{-1}` no such key in that session; `{-2}` old key
-/// not active; `{-3}` old key already rotated; `{-4}` new key id taken.
+/// not active; `{-3}` old key already rotated; `{-4}` new key id taken; `{-5, max keys,
+/// plan}` the session is already over its key limit (another rotation's grace is running).
 ///
-/// The new key replaces the old one in the active set: a rotation never needs a free slot
-/// under the key limit, so a session at its limit can still rotate.
+/// With a grace period the old key stays in the active set until it expires (its score
+/// becomes its new expiry), so it keeps counting while it works; the new key may take the
+/// session one over its limit (a session at its limit can still rotate), never further.
+/// Revoking the old key at once swaps the two and is never refused.
 pub static ROTATE_KEY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -312,6 +316,14 @@ if not o[2] or o[2] ~= ARGV[4] then return {-1} end
 if o[1] == 'r' or (o[3] and tonumber(o[3]) <= tonumber(ARGV[1])) then return {-2} end
 if o[4] then return {-3} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {-4} end
+if ARGV[10] ~= '' then
+  local packed = redis.call('HGET', KEYS[6], ARGV[4])
+  if not packed then return {-1} end
+  local plan, cmk = string.match(packed, '^%d+:(%d+):%d+:%d*:(%d*):')
+  local max = tonumber(cmk) or tonumber(ARGV[11 + tonumber(plan)]) or 0
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[1])
+  if max > 0 and redis.call('ZCARD', KEYS[4]) > max then return {-5, max, tonumber(plan)} end
+end
 redis.call('HSET', KEYS[2], 'h', ARGV[6], 's', ARGV[4], 'e', ARGV[5], 'ct', ARGV[1])
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[2], 'n', ARGV[7]) end
 local score = '+inf'
@@ -321,14 +333,15 @@ if ARGV[8] ~= '' then
 end
 redis.call('ZADD', KEYS[3], 0, ARGV[9])
 redis.call('ZADD', KEYS[4], score, ARGV[3])
-redis.call('ZREM', KEYS[4], ARGV[2])
 if ARGV[10] == '' then
+  redis.call('ZREM', KEYS[4], ARGV[2])
   redis.call('HSET', KEYS[1], 'st', 'r', 'rt', ARGV[1], 'rr', ARGV[11], 'rb', ARGV[3])
   redis.call('DEL', KEYS[5])
 else
-  local x = tonumber(ARGV[10])
-  if o[3] and tonumber(o[3]) < x then x = tonumber(o[3]) end
+  local x = ARGV[10]
+  if o[3] and tonumber(o[3]) < tonumber(x) then x = o[3] end
   redis.call('HSET', KEYS[1], 'x', x, 'rb', ARGV[3])
+  redis.call('ZADD', KEYS[4], x, ARGV[2])
 end
 local f = {'s', 'e', 'n', 'st', 'ct', 'lu', 'x', 'rt', 'rr', 'rb'}
 return {1, redis.call('HMGET', KEYS[1], unpack(f)), redis.call('HMGET', KEYS[2], unpack(f))}
