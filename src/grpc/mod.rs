@@ -5,6 +5,7 @@
 pub mod convert;
 pub mod key_service;
 pub mod layer;
+mod redact;
 pub mod status;
 pub mod usage_service;
 
