@@ -210,7 +210,17 @@ impl KeyStore for MemoryStore {
         now: Millis,
     ) -> StoreResult<InsertKey> {
         let mut shard = self.shard(key.record.id.shard());
-        if shard.keys.contains_key(&key.record.id) {
+        if let Some(existing) = shard.keys.get(&key.record.id) {
+            // The same insert again (as a Redis client's resend would be): already done.
+            if existing.hash_version == key.hash_version && existing.hash.matches(&key.hash) {
+                let active = shard
+                    .sessions
+                    .get(&key.record.session_id)
+                    .map_or(0, |entry| shard.active_keys(entry, now));
+                return Ok(InsertKey::Created {
+                    active_keys: active,
+                });
+            }
             return Ok(InsertKey::KeyIdTaken);
         }
         let Some(entry) = shard.sessions.get(&key.record.session_id) else {
@@ -296,6 +306,17 @@ impl KeyStore for MemoryStore {
         };
         if current.record.session_id != new.record.session_id {
             return Ok(RotateKey::NotFound);
+        }
+        // The same rotation again (as a Redis client's resend would be): answer as before.
+        if current.record.replaced_by == Some(new.record.id)
+            && let Some(replacement) = shard.keys.get(&new.record.id)
+            && replacement.hash_version == new.hash_version
+            && replacement.hash.matches(&new.hash)
+        {
+            return Ok(RotateKey::Rotated {
+                old: Box::new(current.record.clone()),
+                new: Box::new(replacement.record.clone()),
+            });
         }
         if current.record.status_at(now) != KeyStatus::Active {
             return Ok(RotateKey::NotActive);

@@ -153,7 +153,8 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Stores a key if its session exists and, counting the keys that are active at `now`
     /// (keys in a rotation's grace period included), is below its key limit (custom value,
     /// else `plan_max_keys` by plan code; 0 = unlimited). Atomic with respect to concurrent
-    /// inserts.
+    /// inserts. The same key again (same id and hash: a resent command) answers `Created`
+    /// and changes nothing.
     fn insert_key(
         &self,
         key: NewKey<'_>,
@@ -187,7 +188,9 @@ pub trait KeyStore: Send + Sync + 'static {
     /// rotation may take a session one key over its limit (so a session at its limit can
     /// rotate without downtime) but no further: with `old_expires_at` set, the rotation is
     /// refused (`LimitReached`) when the keys counting now, the old one included, already
-    /// exceed the limit. A rotation that revokes the old key at once is never refused.
+    /// exceed the limit. A rotation that revokes the old key at once is never refused. The
+    /// same rotation again (the old key already replaced by this `new`, same hash) answers
+    /// `Rotated` with the records as they are and changes nothing.
     fn rotate_key(
         &self,
         old: &KeyId,

@@ -242,10 +242,19 @@ return accepted
 ///
 /// Expired members of the active set are dropped first (their score is their expiry), so
 /// expired keys stop counting without any background job.
+///
+/// The same call sent twice (redis-rs's cluster client resends a command whose connection
+/// dropped before the reply came back) is recognised by the stored hash, 178 random bits that
+/// only this call knows, and answered as created again: no second key, no key nobody got.
 pub static INSERT_KEY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then return {-1} end
+local h = redis.call('HGET', KEYS[1], 'h')
+if h == ARGV[5] then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[1])
+  return {1, redis.call('ZCARD', KEYS[4])}
+end
+if h or redis.call('EXISTS', KEYS[1]) == 1 then return {-1} end
 local packed = redis.call('HGET', KEYS[2], ARGV[2])
 if not packed then return {-2} end
 local env, plan, _, _, cmk = string.match(packed, '^(%d+):(%d+):(%d+):(%d*):(%d*):')
@@ -308,11 +317,19 @@ return redis.call('HMGET', KEYS[1], 's', 'e', 'n', 'st', 'ct', 'lu', 'x', 'rt', 
 /// becomes its new expiry), so it keeps counting while it works; the new key may take the
 /// session one over its limit (a session at its limit can still rotate), never further.
 /// Revoking the old key at once swaps the two and is never refused.
+///
+/// The same call sent twice (a cluster client's resend after a dropped connection) finds the
+/// old key replaced by this call's new key, whose hash only this call knows, and answers as
+/// it did the first time instead of "already rotated", which would lose the new key.
 pub static ROTATE_KEY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+local f = {'s', 'e', 'n', 'st', 'ct', 'lu', 'x', 'rt', 'rr', 'rb'}
 local o = redis.call('HMGET', KEYS[1], 'st', 's', 'x', 'rb')
 if not o[2] or o[2] ~= ARGV[4] then return {-1} end
+if o[4] == ARGV[3] and redis.call('HGET', KEYS[2], 'h') == ARGV[6] then
+  return {1, redis.call('HMGET', KEYS[1], unpack(f)), redis.call('HMGET', KEYS[2], unpack(f))}
+end
 if o[1] == 'r' or (o[3] and tonumber(o[3]) <= tonumber(ARGV[1])) then return {-2} end
 if o[4] then return {-3} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {-4} end
@@ -343,7 +360,6 @@ else
   redis.call('HSET', KEYS[1], 'x', x, 'rb', ARGV[3])
   redis.call('ZADD', KEYS[4], x, ARGV[2])
 end
-local f = {'s', 'e', 'n', 'st', 'ct', 'lu', 'x', 'rt', 'rr', 'rb'}
 return {1, redis.call('HMGET', KEYS[1], unpack(f)), redis.call('HMGET', KEYS[2], unpack(f))}
 "#,
     )

@@ -1,0 +1,169 @@
+//! A store write sent twice. redis-rs's cluster client resends a command whose connection
+//! dropped before the reply arrived (a node restarting, a failover), so a CreateKey or
+//! RotateKey script can run twice for one call. The second run must answer as the first did:
+//! a "key id taken" would make the service mint a second key (the first one, whose secret
+//! nobody got, would hold a slot of the key limit), and an "already rotated" would lose the new
+//! key, whose secret the caller never sees, and with no grace period the old key too. Every
+//! store answers a replay the same way, so this runs on all three.
+
+mod common;
+
+use common::{Backend, T0, redis_config, unique_prefix, unique_session};
+use rand::RngCore;
+use sendable_keys::domain::{
+    Environment, HASH_VERSION, KeyHash, KeyId, KeyRecord, KeyState, Plan, SessionId, SessionRecord,
+};
+use sendable_keys::store::memory::MemoryStore;
+use sendable_keys::store::redis::RedisStore;
+use sendable_keys::store::{InsertKey, NewKey, RotateKey, Store};
+
+/// Free: 3 keys.
+const PLAN_MAX_KEYS: [u32; 4] = [3, 10, 0, 0];
+
+fn new_record(session: &SessionRecord, rng: &mut impl RngCore) -> (KeyRecord, KeyHash) {
+    let record = KeyRecord {
+        id: KeyId::generate_in_shard(session.id.shard(), rng),
+        session_id: session.id.clone(),
+        environment: Environment::Live,
+        name: "replayed".into(),
+        state: KeyState::Active,
+        create_ms: T0,
+        last_used_ms: None,
+        expire_ms: None,
+        revoke_ms: None,
+        revoke_reason: String::new(),
+        replaced_by: None,
+    };
+    let mut hash = [0u8; 32];
+    rng.fill_bytes(&mut hash);
+    (record, KeyHash(hash))
+}
+
+fn new_key(record: &KeyRecord, hash: KeyHash) -> NewKey<'_> {
+    NewKey {
+        record,
+        hash,
+        hash_version: HASH_VERSION,
+    }
+}
+
+async fn active_keys(store: &impl Store, session: &SessionRecord) -> u32 {
+    store
+        .get_session(&session.id, T0)
+        .await
+        .expect("get session")
+        .expect("session")
+        .active_keys
+}
+
+async fn replays_answer_as_the_first_call_did(store: &impl Store) {
+    let session = SessionRecord {
+        id: SessionId::parse(&unique_session("replay")).expect("session id"),
+        environment: Environment::Live,
+        plan: Plan::Free,
+        enabled: true,
+        custom_rate_limit: None,
+        custom_max_keys: None,
+        create_ms: T0,
+        update_ms: T0,
+        version: 1,
+        active_keys: 0,
+    };
+    assert!(store.create_session(&session).await.expect("session"));
+    let mut rng = rand::rng();
+
+    // CreateKey, twice: created both times, one key.
+    let (a, a_hash) = new_record(&session, &mut rng);
+    for attempt in ["first", "resent"] {
+        let inserted = store
+            .insert_key(new_key(&a, a_hash), PLAN_MAX_KEYS, T0)
+            .await
+            .expect("insert");
+        assert!(
+            matches!(inserted, InsertKey::Created { active_keys: 1 }),
+            "{attempt}: {inserted:?}"
+        );
+    }
+    assert_eq!(active_keys(store, &session).await, 1);
+    // The same id with another hash is another key: still refused.
+    let (_, other_hash) = new_record(&session, &mut rng);
+    let taken = store
+        .insert_key(new_key(&a, other_hash), PLAN_MAX_KEYS, T0)
+        .await
+        .expect("insert");
+    assert!(matches!(taken, InsertKey::KeyIdTaken), "{taken:?}");
+
+    // RotateKey with a grace period, twice: the same old and new key both times.
+    let (mut b, b_hash) = new_record(&session, &mut rng);
+    b.create_ms = T0 + 1;
+    let grace_end = T0 + 3_600_000;
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        match store
+            .rotate_key(
+                &a.id,
+                new_key(&b, b_hash),
+                Some(grace_end),
+                PLAN_MAX_KEYS,
+                T0 + 1,
+            )
+            .await
+            .expect("rotate")
+        {
+            RotateKey::Rotated { old, new } => answers.push((*old, *new)),
+            other => panic!("a resent rotation must succeed again: {other:?}"),
+        }
+    }
+    assert_eq!(answers[0], answers[1]);
+    let (old, new) = &answers[0];
+    assert_eq!(old.replaced_by, Some(b.id));
+    assert_eq!(old.expire_ms, Some(grace_end));
+    assert_eq!(new.id, b.id);
+    assert_eq!(
+        active_keys(store, &session).await,
+        2,
+        "one new key, not two"
+    );
+    // Another rotation of the same key is still refused.
+    let (c, c_hash) = new_record(&session, &mut rng);
+    let again = store
+        .rotate_key(&a.id, new_key(&c, c_hash), None, PLAN_MAX_KEYS, T0 + 2)
+        .await
+        .expect("rotate");
+    assert!(matches!(again, RotateKey::AlreadyRotated), "{again:?}");
+
+    // RotateKey revoking at once, twice: the second run finds the old key revoked by the
+    // first and still answers success, with the new key.
+    for attempt in ["first", "resent"] {
+        match store
+            .rotate_key(&b.id, new_key(&c, c_hash), None, PLAN_MAX_KEYS, T0 + 3)
+            .await
+            .expect("rotate")
+        {
+            RotateKey::Rotated { old, new } => {
+                assert_eq!(old.state, KeyState::Revoked, "{attempt}");
+                assert_eq!(new.id, c.id, "{attempt}");
+            }
+            other => panic!("{attempt}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        active_keys(store, &session).await,
+        2,
+        "a, in its grace, and c"
+    );
+}
+
+async fn a_resent_create_or_rotate_answers_as_the_first(backend: Backend) {
+    match backend {
+        Backend::Memory => replays_answer_as_the_first_call_did(&MemoryStore::new()).await,
+        Backend::Redis | Backend::Cluster => {
+            let store =
+                RedisStore::new(&redis_config(backend, &unique_prefix())).expect("redis store");
+            store.warm_up().await.expect("redis reachable");
+            replays_answer_as_the_first_call_did(&store).await;
+        }
+    }
+}
+
+for_all_stores!(a_resent_create_or_rotate_answers_as_the_first);
