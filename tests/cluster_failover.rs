@@ -3,13 +3,15 @@
 //! the cluster promotes its replica). The service must follow both by itself: same answers,
 //! same rate-limit counts, revoked keys still revoked, scripts working on a master that may
 //! never have loaded them, and, while no master owns the key's slot, failing closed
-//! (UNAVAILABLE), never answering a guess.
+//! (UNAVAILABLE), never answering a guess, while keys on the other masters and the readiness
+//! probe carry on undisturbed.
 //!
 //! Its own binary, because it owns a six-node cluster whose topology it changes.
 
 mod common;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::redis::{ReplicatedCluster, node_role, replica_of, wait_replica_in_sync};
@@ -22,6 +24,8 @@ use sendable_keys::grpc::pb::key_service_client::KeyServiceClient;
 use sendable_keys::store::redis::{RedisConfig, RedisStore};
 use tonic::Code;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// Requests a minute for the test's session: small, so the counts are easy to follow.
 const LIMIT: u32 = 20;
@@ -38,6 +42,24 @@ fn master_holding(cluster: &ReplicatedCluster, prefix: &str) -> u16 {
         .collect();
     assert_eq!(holders.len(), 1, "the session's data on one master");
     holders[0]
+}
+
+/// The port of the master holding `session`'s data (its key index lives in its shard's slot).
+fn master_of_session(cluster: &ReplicatedCluster, prefix: &str, session: &str) -> Option<u16> {
+    cluster
+        .nodes
+        .iter()
+        .filter(|n| n.is_running() && node_role(&n.server.url()) == "master")
+        .find(|n| {
+            let client = ::redis::Client::open(n.server.url()).expect("url");
+            let mut conn = client.get_connection().expect("connect");
+            let found: Vec<String> = ::redis::cmd("KEYS")
+                .arg(format!("{prefix}:*:i:{session}"))
+                .query(&mut conn)
+                .expect("KEYS");
+            !found.is_empty()
+        })
+        .map(|n| n.server.port)
 }
 
 /// Polls `port`'s role until it is `master`, bounded at 30 s (a state change the cluster makes
@@ -149,6 +171,21 @@ async fn the_service_follows_a_manual_and_a_crash_failover() {
     );
     assert_eq!(master_holding(&cluster, &prefix), promoted);
 
+    // A key on another master, which the crash below must not disturb.
+    let mut bystander = None;
+    for n in 0..64 {
+        let other = unique_session(&format!("bystander{n}"));
+        // A limit the watcher below cannot reach while the test's clock stands still.
+        create_enterprise_session(&mut c, &other, 1_000_000).await;
+        let (_, other_secret) = create_key(&mut c, &other).await;
+        let holder = master_of_session(&cluster, &prefix, &other);
+        if holder.is_some_and(|port| port != promoted) {
+            bystander = Some(other_secret);
+            break;
+        }
+    }
+    let bystander = bystander.expect("a session on another master among 64");
+
     // 2. A crash: the new master dies without a word, after its replica (the old master) has
     // everything; the cluster notices within its 1 s node timeout and promotes the replica.
     tokio::task::spawn_blocking(move || {
@@ -156,8 +193,55 @@ async fn the_service_follows_a_manual_and_a_crash_failover() {
     })
     .await
     .expect("sync");
+    // Meanwhile a caller of the other master's key, and a readiness probe.
+    let stop = Arc::new(AtomicBool::new(false));
+    let bystander = {
+        let mut c = server.keys();
+        let mut health = server.health();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut answered, mut failures) = (0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match c
+                    .verify_key(pb::VerifyKeyRequest {
+                        key: bystander.clone(),
+                        expected_environment: 0,
+                        cost: 0,
+                    })
+                    .await
+                {
+                    Ok(answer) => {
+                        assert_eq!(decision(&answer.into_inner()), pb::Decision::Valid);
+                        answered += 1;
+                    }
+                    Err(err) => failures.push(format!("VerifyKey: {:?}", err.code())),
+                }
+                let status = health
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .map(|r| r.into_inner().status);
+                if !matches!(status, Ok(s) if s == ServingStatus::Serving as i32) {
+                    failures.push(format!("health: {status:?}"));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (answered, failures)
+        })
+    };
     cluster.kill(promoted);
     let (answer, failed) = verify_until_answered(&mut c, &secret).await;
+    stop.store(true, Ordering::Relaxed);
+    let (answered, failures) = bystander.await.expect("bystander");
+    assert!(
+        answered > 0,
+        "the other master's key was verified during the outage"
+    );
+    assert!(
+        failures.is_empty(),
+        "a crash of one master disturbed a key on another, or readiness: {failures:?}"
+    );
     assert_eq!(decision(&answer), pb::Decision::Valid, "{answer:?}");
     assert_eq!(remaining(&answer), LIMIT - 5, "no count lost or doubled");
     assert!(

@@ -265,8 +265,8 @@ fn create_cluster(ports: &[u16], replicas: usize) {
     );
 }
 
-/// A Redis Cluster owned by one test: 3 masters with one replica each, on a 1 s node timeout,
-/// so the test can fail a master over (by hand, or by killing it) and watch the service follow.
+/// A Redis Cluster owned by one test: 3 masters with one replica each, on a 1 s node timeout
+/// and without `cluster-require-full-coverage`, so the test can fail a master over (by hand, or by killing it) and watch the service follow.
 pub struct ReplicatedCluster {
     pub nodes: Vec<DedicatedRedis>,
 }
@@ -275,7 +275,13 @@ impl ReplicatedCluster {
     pub fn start() -> Self {
         require_binary("redis-cli");
         let nodes: Vec<DedicatedRedis> = (0..6)
-            .map(|_| DedicatedRedis::start_with(&cluster_node_args("1000")))
+            .map(|_| {
+                let mut args = cluster_node_args("1000").to_vec();
+                // The setting the README recommends: the other masters keep serving while a
+                // failed one's replica takes over (Redis's default stops the whole cluster).
+                args.extend(["--cluster-require-full-coverage", "no"]);
+                DedicatedRedis::start_with(&args)
+            })
             .collect();
         create_cluster(&nodes.iter().map(|n| n.server.port).collect::<Vec<_>>(), 1);
         let cluster = ReplicatedCluster { nodes };
