@@ -179,12 +179,13 @@ async fn the_service_follows_a_manual_and_a_crash_failover() {
         create_enterprise_session(&mut c, &other, 1_000_000).await;
         let (_, other_secret) = create_key(&mut c, &other).await;
         let holder = master_of_session(&cluster, &prefix, &other);
-        if holder.is_some_and(|port| port != promoted) {
-            bystander = Some(other_secret);
+        if let Some(port) = holder.filter(|&port| port != promoted) {
+            bystander = Some((other_secret, port));
             break;
         }
     }
-    let bystander = bystander.expect("a session on another master among 64");
+    let (bystander_secret, bystander_master) =
+        bystander.expect("a session on another master among 64");
 
     // 2. A crash: the new master dies without a word, after its replica (the old master) has
     // everything; the cluster notices within its 1 s node timeout and promotes the replica.
@@ -199,6 +200,7 @@ async fn the_service_follows_a_manual_and_a_crash_failover() {
         let mut c = server.keys();
         let mut health = server.health();
         let stop = stop.clone();
+        let bystander = bystander_secret.clone();
         tokio::spawn(async move {
             let (mut answered, mut failures) = (0, Vec::new());
             while !stop.load(Ordering::Relaxed) {
@@ -258,5 +260,30 @@ async fn the_service_follows_a_manual_and_a_crash_failover() {
     let answer = verify(&mut c, &fresh).await;
     assert_eq!(decision(&answer), pb::Decision::Valid);
     assert_eq!(remaining(&answer), LIMIT - 1);
+
+    // 3. Another crash, of the other key's master, whose replica has never run a script, while
+    // the node killed above is still in the cluster's view: the script must reach the new
+    // master all the same (a SCRIPT LOAD sent to every node would fail on the dead one).
+    let its_replica = replica_of(&format!("redis://127.0.0.1:{bystander_master}"));
+    tokio::task::spawn_blocking(move || {
+        wait_replica_in_sync(&format!("redis://127.0.0.1:{its_replica}"))
+    })
+    .await
+    .expect("sync");
+    cluster.kill(bystander_master);
+    let (answer, _) = verify_until_answered(&mut c, &bystander_secret).await;
+    assert_eq!(decision(&answer), pb::Decision::Valid, "{answer:?}");
+    assert_eq!(
+        node_role(&format!("redis://127.0.0.1:{its_replica}")),
+        "master"
+    );
+    // The path this phase is for: the new master had no script and was sent one.
+    let client = ::redis::Client::open(format!("redis://127.0.0.1:{its_replica}")).expect("url");
+    let mut conn = client.get_connection().expect("connect");
+    let errors: String = ::redis::cmd("INFO")
+        .arg("errorstats")
+        .query(&mut conn)
+        .expect("INFO errorstats");
+    assert!(errors.contains("errorstat_NOSCRIPT"), "{errors}");
     server.stop().await;
 }
