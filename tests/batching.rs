@@ -27,7 +27,7 @@ use tonic::Code;
 fn rewrite_key_record(
     server: &TestServer,
     key_id: &str,
-    change: impl Fn(&mut ::redis::Connection, &str),
+    mut change: impl FnMut(&mut ::redis::Connection, &str),
 ) -> usize {
     let mut found = 0;
     for url in server.redis_urls() {
@@ -104,6 +104,57 @@ async fn a_corrupt_record_fails_only_its_own_verifications(backend: Backend) {
         .expect("status")
         .into_inner();
     assert_eq!((status.used, status.remaining), (210, 1000 - 210));
+}
+
+/// A key record missing a field every record has (its environment), or a session entry that
+/// is not ours: the verification fails (INTERNAL) and writes nothing, neither last-used nor
+/// the window, whether the key is active (counting) or revoked (last-used only).
+async fn a_record_missing_a_field_fails_without_writing(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut c = server.keys();
+    let id = unique_session("partial");
+    create_session(&mut c, &id, pb::Plan::Pro, pb::Environment::Live).await;
+    let (active, active_secret) = create_key(&mut c, &id).await;
+    let (revoked, revoked_secret) = create_key(&mut c, &id).await;
+    c.revoke_key(pb::RevokeKeyRequest {
+        key_id: revoked.key_id.clone(),
+        reason: String::new(),
+    })
+    .await
+    .expect("revoke");
+    for (key, secret) in [(&active, &active_secret), (&revoked, &revoked_secret)] {
+        let fields = |server: &TestServer| {
+            let mut seen = Vec::new();
+            rewrite_key_record(server, &key.key_id, |conn, name| {
+                let values: Vec<Option<String>> = ::redis::cmd("HMGET")
+                    .arg(name)
+                    .arg("lu")
+                    .arg("w")
+                    .query(conn)
+                    .expect("hmget");
+                seen = values;
+            });
+            seen
+        };
+        let stripped = rewrite_key_record(&server, &key.key_id, |conn, name| {
+            let _: () = ::redis::cmd("HDEL")
+                .arg(name)
+                .arg("e")
+                .query(conn)
+                .expect("hdel");
+        });
+        assert_eq!(stripped, 1);
+        let err = c
+            .verify_key(pb::VerifyKeyRequest {
+                key: secret.clone(),
+                expected_environment: 0,
+                cost: 0,
+            })
+            .await
+            .expect_err("a record without its environment");
+        assert_eq!(err.code(), Code::Internal, "{err:?}");
+        assert_eq!(fields(&server), vec![None, None], "nothing written");
+    }
 }
 
 /// A key record's window field that is not ours (not three numbers, or a figure past 15
@@ -323,6 +374,11 @@ mod memory {
 
 mod redis {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_missing_a_field_fails_without_writing() {
+        super::a_record_missing_a_field_fails_without_writing(crate::common::Backend::Redis).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_corrupt_window_is_counted_afresh() {
         super::a_corrupt_window_is_counted_afresh(crate::common::Backend::Redis).await;
     }
@@ -351,6 +407,12 @@ mod redis {
 }
 
 mod cluster {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_missing_a_field_fails_without_writing() {
+        super::a_record_missing_a_field_fails_without_writing(crate::common::Backend::Cluster)
+            .await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_corrupt_window_is_counted_afresh() {
         super::a_corrupt_window_is_counted_afresh(crate::common::Backend::Cluster).await;

@@ -190,6 +190,98 @@ async fn server_behind_a_relay(label: &str) -> (DedicatedRedis, Relay, TestServe
     (redis, relay, server, id, secret)
 }
 
+/// Redis refuses for a while without going away: busy with another client's long script
+/// (`BUSY`), or out of memory under `maxmemory` (`OOM`). Those states pass, so calls fail
+/// `UNAVAILABLE` (retry with backoff), never `INTERNAL`, and work again once they do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_or_full_redis_is_unavailable_not_internal() {
+    let redis = DedicatedRedis::start();
+    let (server, _, secret) = server_with_a_key(
+        redis.server.url(),
+        std::time::Duration::from_secs(2),
+        "busy",
+    )
+    .await;
+    let mut c = server.keys();
+    let admin = || {
+        ::redis::Client::open(redis.server.url())
+            .expect("url")
+            .get_connection()
+            .expect("connect")
+    };
+    let unavailable = |result: Result<tonic::Response<pb::VerifyKeyResponse>, tonic::Status>| {
+        let err = result.expect_err("Redis is refusing");
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        assert_eq!(reason(&err), "STORE_UNAVAILABLE");
+    };
+
+    // BUSY: a script that never ends, past a 50 ms busy threshold.
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("busy-reply-threshold")
+        .arg("50")
+        .query(&mut admin())
+        .expect("config");
+    let mut looping = admin();
+    let runaway = std::thread::spawn(move || {
+        ::redis::cmd("EVAL")
+            .arg("while true do end")
+            .arg(0)
+            .query::<()>(&mut looping)
+            .expect_err("killed")
+    });
+    // Wait until the server reports the script as running (a state change, not a sleep).
+    let mut probe = admin();
+    loop {
+        match ::redis::cmd("PING").query::<String>(&mut probe) {
+            Err(err) if err.code() == Some("BUSY") => break,
+            _ => std::thread::yield_now(),
+        }
+    }
+    unavailable(
+        c.verify_key(pb::VerifyKeyRequest {
+            key: secret.clone(),
+            expected_environment: 0,
+            cost: 0,
+        })
+        .await,
+    );
+    let _: () = ::redis::cmd("SCRIPT")
+        .arg("KILL")
+        .query(&mut probe)
+        .expect("script kill");
+    runaway.join().expect("runaway script ended");
+    assert_eq!(
+        decision(&verify(&mut c, &secret).await),
+        pb::Decision::Valid
+    );
+
+    // OOM: under a memory limit below what Redis already uses, the VERIFY script's first
+    // write (the window) is refused, so the call cannot be counted and fails closed.
+    let set_maxmemory = |bytes: &str| {
+        let _: () = ::redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(bytes)
+            .query(&mut admin())
+            .expect("config");
+    };
+    set_maxmemory("1");
+    unavailable(
+        c.verify_key(pb::VerifyKeyRequest {
+            key: secret.clone(),
+            expected_environment: 0,
+            cost: 0,
+        })
+        .await,
+    );
+    set_maxmemory("0");
+    assert_eq!(
+        decision(&verify(&mut c, &secret).await),
+        pb::Decision::Valid
+    );
+}
+
 /// Redis dies: health flips to NOT_SERVING, VerifyKey fails closed with UNAVAILABLE (never a
 /// VALID it cannot vouch for); Redis comes back: serving again, new data works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

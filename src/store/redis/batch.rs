@@ -176,6 +176,10 @@ async fn flush(
     timeout: Duration,
     batcher: &Batcher,
 ) {
+    // A caller that gave up while its job waited (its timeout, a cancelled request: the flush
+    // task may have waited for a busy runtime) has already been answered; running its
+    // verification anyway would spend its quota and add load when the service is behind.
+    jobs.retain(|job| !job.reply.is_closed());
     // Group jobs that may share a call (see `Job::shares_call`); a stable sort keeps each
     // key's calls in arrival order within a group. Groups go out in sort order on one
     // connection, so a key's calls of two minutes still run in time order; only calls made

@@ -209,7 +209,10 @@ fn store_error(err: &RedisError) -> StoreError {
                 | ErrorKind::Server(ServerErrorKind::BusyLoading)
                 | ErrorKind::Server(ServerErrorKind::MasterDown)
                 | ErrorKind::Server(ServerErrorKind::ReadOnly)
-        );
+        )
+        // Redis busy with another client's long script, out of memory under `maxmemory`, or
+        // short of replicas for `min-replicas-to-write`: states that pass, so retry later.
+        || matches!(err.code(), Some("BUSY" | "OOM" | "NOREPLICAS"));
     StoreError {
         transient,
         message: format!("redis: {err}"),

@@ -91,6 +91,8 @@ local function one(kb, ab)
   local packed = redis.call('HGET', KEYS[kb + 2], k[2])
   if not packed then return '3' end
   local plan, enabled, crl = string.match(packed, '^%d+:(%d+):(%d+):(%d*):')
+  -- Checked before the first write: a corrupt record or session fails its call, unchanged.
+  if not plan or not k[3] then error('corrupt key record or session') end
   local nows = ARGV[ab + 2]
   local env = ARGV[ab + 4]
   local d
