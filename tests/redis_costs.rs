@@ -226,3 +226,60 @@ async fn concurrent_verifications_share_script_calls_unless_batching_is_off() {
     );
     assert_eq!(concurrent_script_calls(false).await, 400);
 }
+
+/// On a standalone Redis, a RecordOutcomes batch over keys of many sessions (so many shards)
+/// is stored by one script call: it is stored whole or not at all, so a caller retrying a
+/// failed call never counts part of it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_outcomes_is_one_script_call_on_a_standalone_server() {
+    let (redis, server, _) = server_on_own_redis(true).await;
+    let mut c = server.keys();
+    let mut outcomes = Vec::new();
+    for n in 0..8 {
+        let id = format!("outcomes-{n}");
+        create_session(&mut c, &id, pb::Plan::Pro, pb::Environment::Live).await;
+        let (key, _) = create_key(&mut c, &id).await;
+        outcomes.push(pb::Outcome {
+            key_id: key.key_id,
+            success: n % 2 == 0,
+            error_code: if n % 2 == 0 {
+                String::new()
+            } else {
+                "503".into()
+            },
+            response_time: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 2_000_000,
+            }),
+            time: None,
+        });
+    }
+    let shards: std::collections::HashSet<u16> = outcomes
+        .iter()
+        .map(|o| {
+            sendable_keys::domain::KeyId::parse(&o.key_id)
+                .expect("key id")
+                .shard()
+        })
+        .collect();
+    assert!(shards.len() > 1, "the keys span several shards");
+    let client = ::redis::Client::open(redis.server.url()).expect("url");
+    let mut conn = client.get_connection().expect("connect");
+    // Once, so the script is loaded; then measure.
+    let usage = || server.usage();
+    usage()
+        .record_outcomes(pb::RecordOutcomesRequest {
+            outcomes: outcomes.clone(),
+        })
+        .await
+        .expect("record");
+    reset(&mut conn);
+    let answer = usage()
+        .record_outcomes(pb::RecordOutcomesRequest { outcomes })
+        .await
+        .expect("record")
+        .into_inner();
+    assert_eq!((answer.accepted, answer.rejected), (8, 0));
+    let stats = commandstats(&mut conn);
+    assert_eq!(stats.get("evalsha").copied(), Some(1), "{stats:?}");
+}

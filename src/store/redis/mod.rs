@@ -1088,13 +1088,18 @@ impl UsageStore for RedisStore {
         now: Millis,
         retention_days: u32,
     ) -> StoreResult<u32> {
-        // One script per shard: everything a script touches must share its slot.
+        // A standalone server takes the whole batch in one script, so a failed call stored
+        // nothing and a retry counts nothing twice. A cluster needs one script per shard
+        // (everything a script touches must share its slot), so there a failed call may have
+        // stored the other shards' outcomes (README, Usage statistics).
         let mut by_shard: BTreeMap<u16, Vec<&Outcome>> = BTreeMap::new();
         for outcome in outcomes {
-            by_shard
-                .entry(outcome.key_id.shard())
-                .or_default()
-                .push(outcome);
+            let group = if self.cluster {
+                outcome.key_id.shard()
+            } else {
+                0
+            };
+            by_shard.entry(group).or_default().push(outcome);
         }
         let mut calls = Vec::with_capacity(by_shard.len());
         for group in by_shard.values() {
