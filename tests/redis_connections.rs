@@ -1,6 +1,6 @@
 //! The store's sockets to Redis, standalone and Cluster: every one has Nagle's algorithm off
-//! (`TCP_NODELAY`), also those that replace connections Redis dropped, and a pooled connection
-//! that still answers is reused, not replaced.
+//! (`TCP_NODELAY`), also those that replace connections Redis dropped; working connections are
+//! kept, and after a reconnect every lane again has a socket of its own.
 //!
 //! Nagle's cost shows only across a network (an acknowledgement a round trip away holds back
 //! the next pipelined write; see `src/store/redis/connect.rs` and the load generator's
@@ -15,7 +15,10 @@ use std::collections::BTreeMap;
 use std::os::fd::RawFd;
 
 use common::{Backend, redis_config, unique_prefix};
+use sendable_keys::domain::KeyId;
+use sendable_keys::domain::usage::Outcome;
 use sendable_keys::store::redis::RedisStore;
+use sendable_keys::store::{Store, UsageStore};
 
 /// This process's TCP sockets whose peer is 127.0.0.1 on one of `ports`: socket inode → fd.
 fn sockets_to(ports: &[u16]) -> BTreeMap<u64, RawFd> {
@@ -102,10 +105,27 @@ fn with_nagle(sockets: &BTreeMap<u64, RawFd>) -> Vec<RawFd> {
         .collect()
 }
 
+/// Calls `op` until it succeeds (the first calls after Redis dropped its clients may fail on
+/// the dead connection, which empties the lane), bounded at 10 s.
+async fn until_ok<F, Fut, T>(what: &str, op: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = sendable_keys::store::StoreResult<T>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while op().await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} still failing 10 s after Redis dropped its clients"
+        );
+    }
+}
+
 /// Connects a store to `backend`, and checks the sockets it opened: at least `at_least` of
-/// them, all with Nagle off; then a second warm-up (every lane re-taking a pooled
-/// connection, each checked with a PING) must reuse them rather than open new ones; then,
-/// with Redis having dropped every client, a third must replace them, again with Nagle off.
+/// them, all with Nagle off; a second warm-up leaves the working connections alone; then, with
+/// Redis having dropped every client, calls on a hot lane (RecordOutcomes) and on a management
+/// lane (PING, as health does) reconnect them, again with Nagle off, and on a standalone
+/// server each lane on a socket of its own (a refill once could be handed the other lane's).
 async fn check(backend: Backend, at_least: usize) {
     let config = redis_config(backend, &unique_prefix());
     let ports: Vec<u16> = config.urls.iter().map(|u| port_of(u)).collect();
@@ -130,13 +150,11 @@ async fn check(backend: Backend, at_least: usize) {
     let after = new_sockets(&ports, &[&before, &opened]);
     assert!(
         after.is_empty(),
-        "{backend:?}: re-taking pooled connections opened {} new sockets instead of reusing the \
-         ones that answer PING",
+        "{backend:?}: warming up again opened {} new sockets instead of keeping the working ones",
         after.len()
     );
 
-    // Redis drops every client (a restart or failover looks the same from here); the PING
-    // check fails and the pool reconnects.
+    // Redis drops every client (a restart or failover looks the same from here).
     for url in &config.urls {
         let mut admin = ::redis::Client::open(url.as_str())
             .and_then(|c| c.get_connection())
@@ -149,16 +167,31 @@ async fn check(backend: Backend, at_least: usize) {
             .expect("CLIENT KILL");
         assert!(killed >= 1, "{backend:?}: no client of {url} to drop");
     }
-    store
-        .warm_up()
-        .await
-        .expect("warm up after Redis dropped its clients");
+    let outcome = Outcome {
+        key_id: KeyId::parse("AbCd1234").expect("key id"),
+        success: true,
+        error_code: String::new(),
+        response_time_us: 1000,
+        time_ms: 1_772_445_600_000,
+    };
+    until_ok("RecordOutcomes (a hot lane)", || {
+        store.record_outcomes(std::slice::from_ref(&outcome), outcome.time_ms, 90)
+    })
+    .await;
+    until_ok("PING (a management lane)", || store.ping()).await;
     let replacements = new_sockets(&ports, &[&before, &opened]);
     assert!(
         !replacements.is_empty(),
-        "{backend:?}: Redis dropped the store's connections, yet warming up again opened no new \
-         socket (a dead pooled connection passed its PING check)"
+        "{backend:?}: Redis dropped the store's connections, yet calls succeeded with no new socket"
     );
+    if backend == Backend::Redis {
+        assert_eq!(
+            replacements.len(),
+            2,
+            "{backend:?}: after the reconnect the hot and the management lane must each have a \
+             socket of their own"
+        );
+    }
     let delayed = with_nagle(&replacements);
     assert!(
         delayed.is_empty(),
@@ -169,7 +202,7 @@ async fn check(backend: Backend, at_least: usize) {
 }
 
 #[tokio::test]
-async fn every_socket_to_redis_has_nagle_off_and_healthy_ones_are_reused() {
+async fn every_socket_to_redis_has_nagle_off_and_each_lane_its_own() {
     // Pool size 2 (the harness's): two connections to the one server; to the Cluster, each
     // connection reaches all three masters.
     check(Backend::Redis, 2).await;

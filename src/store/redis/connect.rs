@@ -35,7 +35,8 @@ pub(super) fn standalone_manager(
 }
 
 /// Creates cluster connections (each one holds a socket to every node of the slot map, all
-/// with our TCP settings) and checks a pooled one with a `PING` before handing it out again.
+/// with our TCP settings). Would check a pooled one with a `PING` before handing it out again;
+/// the store takes every connection out of the pool for a lane of its own, so none comes back.
 pub(super) struct ClusterManager {
     client: ClusterClient,
     /// Each check's PING carries its own number, so an answer meant for another request (a

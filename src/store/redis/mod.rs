@@ -3,15 +3,15 @@
 //!
 //! # Connections
 //!
-//! The pool creates, health-checks and replaces connections, and bounds their number.
-//! Its checkout, though, recycles the connection with a `PING` round trip every time, which
-//! would double the cost of VerifyKey. redis-rs connections are multiplexed (many requests in
-//! flight on one socket, answers matched in order) and cheap to clone, so instead of checking a
-//! connection out per call we keep `pool_size` *lanes*, each holding a clone of a connection the
-//! pool created, and spread calls over them round-robin. A lane whose connection fails (an
-//! I/O error, a timeout, READONLY: see `gives_up_connection`) is emptied, and the next call on
-//! it takes a connection from the pool, whose recycle check (the PING) weeds out dead ones.
-//! Net effect: one round trip per operation, the pool still owns the connections' life cycle.
+//! The pool creates connections, with the connect timeout and TCP settings. Its checkout,
+//! though, recycles the connection with a `PING` round trip every time, which would double the
+//! cost of VerifyKey. redis-rs connections are multiplexed (many requests in flight on one
+//! socket, answers matched in order) and cheap to clone, so instead of checking a connection out
+//! per call we keep `pool_size` *lanes*, each owning a connection taken out of the pool, and
+//! spread calls over them round-robin. A lane whose connection fails (an I/O error, a timeout,
+//! READONLY: see `gives_up_connection`) is emptied, which closes its socket once the calls still
+//! on it finish, and the next call on it takes a new connection. Net effect: one round trip per
+//! operation, one socket per lane, never shared.
 //!
 //! VerifyKey goes through the lane's batcher (`batch.rs`): calls waiting at the same moment
 //! share one script call.
@@ -289,53 +289,42 @@ impl RedisStore {
         &self.keys
     }
 
-    /// A clone of a pooled connection. The pool object goes straight back to the pool (idle),
-    /// sharing the socket with the clone; the pool's recycle PING on its next checkout is what
-    /// detects a dead socket and replaces it.
+    /// A connection of the lane's own: taken out of the pool for good (`take`), so the pool
+    /// opens a new one for the next refill and no two lanes ever share a socket (were the
+    /// object handed back, a refill after a reset could be given another lane's connection,
+    /// and a verification would queue behind a management pipeline again). A lane drops its
+    /// connection when it fails, which closes the socket; the replacement is a new connection,
+    /// not a pooled one that might be the same dead or silent socket.
     async fn checkout(&self) -> RedisResult<Conn> {
         Ok(match &self.pool {
-            Pool::Standalone(p) => Conn::Standalone((*p.get().await.map_err(pool_error)?).clone()),
-            Pool::Cluster(p) => Conn::Cluster((*p.get().await.map_err(pool_error)?).clone()),
+            Pool::Standalone(p) => Conn::Standalone(deadpool_redis::Connection::take(
+                p.get().await.map_err(pool_error)?,
+            )),
+            Pool::Cluster(p) => Conn::Cluster(deadpool::managed::Object::take(
+                p.get().await.map_err(pool_error)?,
+            )),
         })
     }
 
-    /// Fills every lane with its own connection (holding all checkouts at once, so the pool
-    /// has to open `pool_size` distinct sockets). Best effort: if Redis is not up yet, lanes
-    /// fill lazily on first use.
+    /// Fills every empty lane with a connection of its own, so the service is ready before its
+    /// first call. Lanes that hold a connection keep it. Best effort: if Redis is not up yet,
+    /// lanes fill lazily on first use.
     pub async fn warm_up(&self) -> StoreResult<()> {
-        let n = self.lanes.len();
         let work = async {
-            // The pool objects stay checked out until the loop ends, then all return idle.
-            let conns = match &self.pool {
-                Pool::Standalone(p) => {
-                    let mut held = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        held.push(p.get().await.map_err(pool_error)?);
+            for lane in self.lanes.iter() {
+                if lane.current().is_none() {
+                    let _refilling = lane.refill.lock().await;
+                    if lane.current().is_none() {
+                        lane.install(self.checkout().await?);
                     }
-                    held.iter()
-                        .map(|o| Conn::Standalone((**o).clone()))
-                        .collect::<Vec<_>>()
                 }
-                Pool::Cluster(p) => {
-                    let mut held = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        held.push(p.get().await.map_err(pool_error)?);
-                    }
-                    held.iter()
-                        .map(|o| Conn::Cluster((**o).clone()))
-                        .collect::<Vec<_>>()
-                }
-            };
-            Ok::<_, RedisError>(conns)
+            }
+            Ok::<_, RedisError>(())
         };
-        let conns = tokio::time::timeout(self.timeout, work)
+        tokio::time::timeout(self.timeout, work)
             .await
             .map_err(|_| StoreError::transient("redis: no answer while connecting"))?
-            .map_err(|e| store_error(&e))?;
-        for (lane, conn) in self.lanes.iter().zip(conns) {
-            lane.install(conn);
-        }
-        Ok(())
+            .map_err(|e| store_error(&e))
     }
 
     /// The lane for an operation. The per-request operations (VerifyKey, RecordOutcomes) use
@@ -354,9 +343,9 @@ impl RedisStore {
         }
     }
 
-    /// The connection of lane `index` and its generation, taking one from the pool if the lane
-    /// is empty. One caller refills an empty lane; the others wait for it and share its
-    /// connection, instead of each checking one out (a PING each) at once.
+    /// The connection of lane `index` and its generation, taking a new one if the lane is
+    /// empty. One caller refills an empty lane; the others wait for it and share its
+    /// connection, instead of each opening one at once.
     async fn lane_conn(&self, index: usize) -> RedisResult<(u64, Conn)> {
         let lane = &self.lanes[index];
         if let Some(found) = lane.current() {
@@ -463,14 +452,13 @@ impl RedisStore {
 }
 
 /// Whether a lane should let go of its connection after `err`: the next call on the lane then
-/// asks the pool, whose recycle check (a PING, bounded by the timeout) keeps a healthy
-/// connection and replaces a dead one.
+/// opens a new one.
 ///
 /// Not only errors that say the socket is gone: a timeout may be a socket that went silent
 /// without closing (a failover whose RST never arrived, a dropped flow), where the kernel
 /// would take ~15 minutes to give up; and READONLY means the node behind the address became a
 /// replica, where a new connection reaches whatever the address now resolves to. A healthy
-/// but slow connection loses little: the pool hands it back after its PING.
+/// but slow connection loses little: a reconnect, once per timeout, by one caller per lane.
 fn gives_up_connection(err: &RedisError) -> bool {
     err.is_io_error()
         || err.is_connection_dropped()
