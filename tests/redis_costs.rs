@@ -228,8 +228,8 @@ async fn concurrent_verifications_share_script_calls_unless_batching_is_off() {
 }
 
 /// On a standalone Redis, a RecordOutcomes batch over keys of many sessions (so many shards)
-/// is stored by one script call: it is stored whole or not at all, so a caller retrying a
-/// failed call never counts part of it twice.
+/// is stored by one script call: one round trip, and no call that stored part of its outcomes
+/// before failing on another part.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn record_outcomes_is_one_script_call_on_a_standalone_server() {
     let (redis, server, _) = server_on_own_redis(true).await;

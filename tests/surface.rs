@@ -230,12 +230,17 @@ async fn a_busy_or_full_redis_is_unavailable_not_internal() {
             .query::<()>(&mut looping)
             .expect_err("killed")
     });
-    // Wait until the server reports the script as running (a state change, not a sleep).
+    // Wait until the server reports the script as running (a state change, not a sleep),
+    // bounded: the runaway script's thread could have failed to start it.
     let mut probe = admin();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         match ::redis::cmd("PING").query::<String>(&mut probe) {
             Err(err) if err.code() == Some("BUSY") => break,
-            _ => std::thread::yield_now(),
+            _ => assert!(
+                std::time::Instant::now() < deadline,
+                "Redis never reported the runaway script as BUSY"
+            ),
         }
     }
     unavailable(
@@ -257,7 +262,8 @@ async fn a_busy_or_full_redis_is_unavailable_not_internal() {
     );
 
     // OOM: under a memory limit below what Redis already uses, the VERIFY script's first
-    // write (the window) is refused, so the call cannot be counted and fails closed.
+    // write (the window) is refused, so the call cannot be counted and fails closed; alone,
+    // and inside a batch, where the script catches each verification's error on its own.
     let set_maxmemory = |bytes: &str| {
         let _: () = ::redis::cmd("CONFIG")
             .arg("SET")
@@ -274,6 +280,33 @@ async fn a_busy_or_full_redis_is_unavailable_not_internal() {
             cost: 0,
         })
         .await,
+    );
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut admin())
+        .expect("resetstat");
+    let together = (0..32).map(|_| {
+        let mut c = c.clone();
+        let key = secret.clone();
+        async move {
+            c.verify_key(pb::VerifyKeyRequest {
+                key,
+                expected_environment: 0,
+                cost: 0,
+            })
+            .await
+        }
+    });
+    for result in futures_util::future::join_all(together).await {
+        unavailable(result);
+    }
+    let script_calls = common::redis::commandstats(&mut admin())
+        .get("evalsha")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        script_calls < 32,
+        "32 verifications at once shared script calls ({script_calls})"
     );
     set_maxmemory("0");
     assert_eq!(

@@ -72,10 +72,10 @@ pub enum DomainError {
     #[error("{} {id} already exists", .resource.name())]
     AlreadyExists { resource: Resource, id: String },
     #[error(
-        "session {session_id} already has {max_keys} active keys, the most its plan ({plan}) allows{}",
+        "session {session_id} is at its key limit: {max_keys} active keys on plan {plan}{}",
         if *.rotating {
-            ", and a rotated key's grace period is still running (a rotation may add one key \
-             over the limit, not two): revoke the old key, or rotate with grace_period 0"
+            ", plus the one a rotation may add while the old key's grace period runs; revoke a \
+             key (such as one still in its grace period), or rotate with grace_period 0"
         } else {
             ""
         }

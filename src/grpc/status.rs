@@ -113,9 +113,9 @@ fn domain_status(err: &DomainError) -> (Code, String, ErrorDetails) {
                 format!("sessions/{session_id}"),
                 if *rotating {
                     format!(
-                        "at most {max_keys} active keys on plan {plan}, one more while a rotated \
-                         key's grace period runs; revoke the key in its grace period or upgrade \
-                         the plan"
+                        "at most {max_keys} active keys on plan {plan}, one more while a \
+                         rotation's grace period runs; revoke a key, rotate with no grace \
+                         period, or upgrade the plan"
                     )
                 } else {
                     format!(

@@ -217,10 +217,7 @@ async fn call(jobs: Vec<Job>, mut conn: Conn, timeout: Option<Duration>, batcher
             let mut answers = reply.split('\n');
             for job in jobs {
                 let answer = match answers.next() {
-                    Some(a) if a.starts_with('E') => Err(Failure {
-                        error: StoreError::permanent(format!("redis: {}", &a[1..])),
-                        reset_lane: false,
-                    }),
+                    Some(a) if a.starts_with('E') => Err(failure_in_batch(&a[1..])),
                     Some(a) => Ok(a.to_owned()),
                     None => Err(Failure {
                         error: StoreError::permanent("redis: short reply to a verify batch"),
@@ -243,6 +240,35 @@ async fn call(jobs: Vec<Job>, mut conn: Conn, timeout: Option<Duration>, batcher
         // The callers time out on their own clocks; dropping the senders tells any that
         // are still waiting.
         None => {}
+    }
+}
+
+/// A verification's error caught inside a batch (the script's `pcall` turns it into a line),
+/// classified by its Redis error code as the same error outside a batch would be: a Redis
+/// refusing for a while (out of memory, short of replicas, a replica now, a cluster in
+/// reconfiguration) is transient, and READONLY also means the lane's connection reaches a
+/// replica and should go; anything else (a corrupt record) is this verification's own.
+fn failure_in_batch(message: &str) -> Failure {
+    let code = message.split_whitespace().next().unwrap_or_default();
+    let transient = matches!(
+        code,
+        "OOM"
+            | "NOREPLICAS"
+            | "READONLY"
+            | "BUSY"
+            | "MASTERDOWN"
+            | "LOADING"
+            | "TRYAGAIN"
+            | "CLUSTERDOWN"
+    );
+    let message = format!("redis: {message}");
+    Failure {
+        error: if transient {
+            StoreError::transient(message)
+        } else {
+            StoreError::permanent(message)
+        },
+        reset_lane: code == "READONLY",
     }
 }
 

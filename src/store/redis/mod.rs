@@ -1076,10 +1076,10 @@ impl UsageStore for RedisStore {
         now: Millis,
         retention_days: u32,
     ) -> StoreResult<u32> {
-        // A standalone server takes the whole batch in one script, so a failed call stored
-        // nothing and a retry counts nothing twice. A cluster needs one script per shard
-        // (everything a script touches must share its slot), so there a failed call may have
-        // stored the other shards' outcomes (README, Usage statistics).
+        // A standalone server takes the whole batch in one script call (one round trip). A
+        // cluster needs one per shard (everything a script touches must share its slot), so
+        // there a failed call may have stored the other shards' outcomes (README, Usage
+        // statistics).
         let mut by_shard: BTreeMap<u16, Vec<&Outcome>> = BTreeMap::new();
         for outcome in outcomes {
             let group = if self.cluster {
@@ -1378,16 +1378,6 @@ impl Store for RedisStore {
     }
 
     fn report_metrics(&self) {
-        let status = match &self.pool {
-            Pool::Standalone(p) => p.status(),
-            Pool::Cluster(p) => p.status(),
-        };
-        metrics::gauge!("sendable_keys_redis_pool_connections", "state" => "open")
-            .set(status.size as f64);
-        metrics::gauge!("sendable_keys_redis_pool_connections", "state" => "idle")
-            .set(status.available as f64);
-        metrics::gauge!("sendable_keys_redis_pool_connections", "state" => "max")
-            .set(status.max_size as f64);
         let connected = self
             .lanes
             .iter()
