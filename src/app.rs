@@ -109,10 +109,10 @@ async fn set_health(reporter: &HealthReporter, readiness: &Readiness, status: Se
 }
 
 /// Keeps the health service truthful: SERVING only while the store answers a ping, until
-/// `stop` flips, then NOT_SERVING for good. Also refreshes the store's pool gauges.
+/// `stop` flips, then NOT_SERVING for good. Also refreshes the store's gauges.
 async fn watch_health<S: Store>(
     store: Arc<S>,
-    reporter: HealthReporter,
+    mut reporter: HealthReporter,
     readiness: Readiness,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
@@ -140,6 +140,14 @@ async fn watch_health<S: Store>(
         }
     }
     set_health(&reporter, &readiness, ServingStatus::NotServing).await;
+    // Health `Watch` streams (gRPC client-side health checking) end only when their service
+    // leaves the registry; one left open would hold the drain for its whole timeout. Watchers
+    // have been sent NOT_SERVING above; removing the readiness services ends their streams.
+    // `liveness` stays: the kubelet's liveness probe must not fail while the pod drains.
+    reporter.clear_service_status("").await;
+    for name in HEALTH_SERVICES {
+        reporter.clear_service_status(name).await;
+    }
 }
 
 /// Serves the KeyService, UsageService, health and reflection on `listener` until `shutdown`

@@ -6,8 +6,7 @@
 //! file holds no usable secret. Roles:
 //!
 //! - `admin`: everything;
-//! - `service`: the calls a microservice makes per request: `VerifyKey`, `RecordOutcomes`,
-//!   `GetRateLimitStatus`.
+//! - `service`: the calls a microservice makes per request: `VerifyKey` and `RecordOutcomes`.
 //!
 //! Health and reflection are open to everyone (probes and grpcurl need no token). Without a
 //! credentials file the server serves only loopback peers (anything else may reach health and
@@ -36,6 +35,13 @@ impl Role {
     }
 }
 
+/// The token as the server compares it: surrounding whitespace is not part of it (HTTP drops
+/// it from header values anyway). `hash-token` hashes the same text, so a token pasted with a
+/// stray space or tab hashes to what the server will see.
+pub fn presented_token(raw: &str) -> &str {
+    raw.trim()
+}
+
 /// gRPC paths anyone may call.
 pub fn is_open(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.Health/")
@@ -43,12 +49,14 @@ pub fn is_open(path: &str) -> bool {
         || path.starts_with("/grpc.reflection.v1alpha.ServerReflection/")
 }
 
-/// The role a gRPC path needs.
+/// The role a gRPC path needs: a calling service may verify keys and report outcomes (SPEC,
+/// "Access to the service itself"); everything else, reads of a key's usage or window
+/// included, is the dashboard's, so admin. A service has what it needs per request in
+/// VerifyKey's answer, and a service token must not read other tenants' keys by id.
 pub fn required_role(path: &str) -> Role {
     match path {
         "/sendable.keys.v1.KeyService/VerifyKey"
-        | "/sendable.keys.v1.UsageService/RecordOutcomes"
-        | "/sendable.keys.v1.UsageService/GetRateLimitStatus" => Role::Service,
+        | "/sendable.keys.v1.UsageService/RecordOutcomes" => Role::Service,
         _ => Role::Admin,
     }
 }
@@ -67,6 +75,22 @@ impl fmt::Debug for Caller {
             .field("name", &self.name)
             .field("role", &self.role)
             .finish_non_exhaustive()
+    }
+}
+
+/// A TOML error as "message (line N)", without the excerpt of the file that the error's own
+/// `Display` quotes: the offending line may hold a plain token (`token = "..."` instead of
+/// `token_sha256`, the very mistake `deny_unknown_fields` catches), and this message is logged.
+fn parse_error(text: &str, err: &toml::de::Error) -> String {
+    match err.span() {
+        Some(span) => {
+            let line = text
+                .get(..span.start)
+                .map_or(0, |before| before.matches('\n').count())
+                + 1;
+            format!("{} (line {line})", err.message().trim_end())
+        }
+        None => err.message().trim_end().to_owned(),
     }
 }
 
@@ -91,7 +115,7 @@ impl Credentials {
             #[serde(default)]
             caller: Vec<Entry>,
         }
-        let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        let file: File = toml::from_str(text).map_err(|e| parse_error(text, &e))?;
         if file.caller.is_empty() {
             return Err("no [[caller]] entries: list at least one caller, or remove the file to serve loopback callers only".into());
         }
@@ -208,7 +232,6 @@ mod tests {
         for path in [
             "/sendable.keys.v1.KeyService/VerifyKey",
             "/sendable.keys.v1.UsageService/RecordOutcomes",
-            "/sendable.keys.v1.UsageService/GetRateLimitStatus",
         ] {
             assert!(allows(Role::Service, path));
             assert!(allows(Role::Admin, path));
@@ -217,6 +240,7 @@ mod tests {
             "/sendable.keys.v1.KeyService/CreateKey",
             "/sendable.keys.v1.KeyService/RevokeKey",
             "/sendable.keys.v1.UsageService/GetKeyUsage",
+            "/sendable.keys.v1.UsageService/GetRateLimitStatus",
             "/sendable.keys.v1.UsageService/WatchAlerts",
             "/sendable.keys.v1.KeyService/Unknown",
         ] {
@@ -269,6 +293,19 @@ mod tests {
         ] {
             let err = Credentials::from_toml(text).expect_err(text);
             assert!(err.contains(needle), "{err} (wanted {needle})");
+        }
+    }
+
+    /// The error is logged at startup, and the offending line may be a plain token.
+    #[test]
+    fn a_bad_line_is_named_not_quoted() {
+        for text in [
+            "[[caller]]\nname = \"a\"\nrole = \"admin\"\ntoken = \"skt_do-not-log-me\"\n",
+            "[[caller]]\nname = \"a\"\nrole = \"admin\"\ntoken_sha256 = \"skt_do-not-log-me\n",
+        ] {
+            let err = Credentials::from_toml(text).expect_err(text);
+            assert!(!err.contains("do-not-log-me"), "{err}");
+            assert!(err.contains("line 4"), "{err}");
         }
     }
 }

@@ -87,9 +87,10 @@ pub fn hash_token(args: &HashTokenArgs) -> ExitCode {
         eprintln!("sendable-keys hash-token: cannot read stdin: {err}");
         return ExitCode::FAILURE;
     }
-    // Reading from stdin keeps the token out of shell history and `ps`; a trailing newline
-    // from `echo` is not part of it.
-    let token = input.trim_end_matches(['\n', '\r']);
+    // Reading from stdin keeps the token out of shell history and `ps`. A trailing newline
+    // from `echo`, or any surrounding whitespace, is not part of it: the server trims the
+    // presented token the same way.
+    let token = crate::auth::presented_token(&input);
     if token.is_empty() {
         eprintln!(
             "sendable-keys hash-token: pipe the token on stdin, e.g. `printf %s \"$TOKEN\" | sendable-keys hash-token`"
@@ -109,6 +110,26 @@ mod tests {
         assert_eq!(
             token_sha256("abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    /// What `hash-token` hashes from its input is what the server compares: a token piped
+    /// with a stray space or tab still matches its caller.
+    #[test]
+    fn hashed_input_matches_what_the_server_presents() {
+        let hash = |input: &str| token_sha256(crate::auth::presented_token(input));
+        for input in ["abc", "abc\n", "abc\r\n", " abc\t\n", "\tabc "] {
+            assert_eq!(hash(input), token_sha256("abc"), "{input:?}");
+        }
+        let credentials = crate::auth::Credentials::from_toml(&format!(
+            "[[caller]]\nname = \"svc\"\nrole = \"service\"\ntoken_sha256 = \"{}\"\n",
+            hash(" abc\t\n")
+        ))
+        .expect("credentials");
+        assert!(
+            credentials
+                .authenticate(crate::auth::presented_token("abc "))
+                .is_some()
         );
     }
 }

@@ -219,8 +219,9 @@ async fn sigterm_reports_not_serving_ends_streams_drains_and_exits_zero() {
     assert_eq!(http_get(&process.admin, "/livez").0, 200);
     let channel = process.channel().await;
     create_session(&channel, "acme-drain", pb::Plan::Free).await;
-    // Two long-lived calls in flight: an alert stream (ours, ends on shutdown) and a health
-    // watch (which only the drain timeout ends).
+    // Three long-lived calls in flight: an alert stream and a readiness health watch (both end
+    // on shutdown) and a watch of `liveness` (which stays registered while the pod drains, so
+    // only the drain timeout ends it).
     let mut alerts = UsageServiceClient::new(channel.clone())
         .watch_alerts(authed(
             pb::WatchAlertsRequest {
@@ -243,6 +244,14 @@ async fn sigterm_reports_not_serving_ends_streams_drains_and_exits_zero() {
         first.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+    let mut liveness = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: "liveness".into(),
+        })
+        .await
+        .expect("watch liveness")
+        .into_inner();
+    liveness.message().await.expect("liveness").expect("status");
 
     let signalled = Instant::now();
     process.sigterm();
@@ -256,12 +265,17 @@ async fn sigterm_reports_not_serving_ends_streams_drains_and_exits_zero() {
         next.status,
         tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
     );
-    // The alert stream ends cleanly (an orderly end of stream, not an error).
+    // Then that watch ends, and so does the alert stream, cleanly (an orderly end of stream,
+    // not an error).
+    let end = tokio::time::timeout(Duration::from_secs(10), health.message())
+        .await
+        .expect("health watch ends");
+    assert!(matches!(end, Ok(None)), "{end:?}");
     let end = tokio::time::timeout(Duration::from_secs(10), alerts.message())
         .await
         .expect("stream ends");
     assert!(matches!(end, Ok(None)), "{end:?}");
-    // The health watch keeps the server draining until the 2 s bound, then the process
+    // The liveness watch keeps the server draining until the 2 s bound, then the process
     // exits with status 0.
     let (exit, _) = process.wait(Duration::from_secs(15));
     let took = signalled.elapsed();

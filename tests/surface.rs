@@ -190,6 +190,47 @@ async fn server_behind_a_relay(label: &str) -> (DedicatedRedis, Relay, TestServe
     (redis, relay, server, id, secret)
 }
 
+/// A client watching health (gRPC client-side health checking uses `Watch`) must not hold
+/// the server's drain open: on shutdown its stream gets NOT_SERVING and then ends, and the
+/// server stops without waiting out its (here two-minute) drain timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_watchers_see_not_serving_and_do_not_hold_the_drain() {
+    let server = TestServer::start_with_options(
+        sendable_keys::app::ServeOptions {
+            drain_timeout: std::time::Duration::from_secs(120),
+            ..sendable_keys::app::ServeOptions::default()
+        },
+        None,
+    )
+    .await;
+    let mut stream = server
+        .health()
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = stream.message().await.expect("stream").expect("a status");
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    let stopping = tokio::spawn(server.stop());
+    let ending = async {
+        let mut last = None;
+        while let Some(update) = stream.message().await.expect("the stream ends cleanly") {
+            last = Some(update.status);
+        }
+        last
+    };
+    let last = tokio::time::timeout(std::time::Duration::from_secs(30), ending)
+        .await
+        .expect("the Watch stream ended while the server drained");
+    assert_eq!(last, Some(ServingStatus::NotServing as i32));
+    tokio::time::timeout(std::time::Duration::from_secs(30), stopping)
+        .await
+        .expect("the server stopped without waiting out its drain timeout")
+        .expect("server task");
+}
+
 /// Redis refuses for a while without going away: busy with another client's long script
 /// (`BUSY`), or out of memory under `maxmemory` (`OOM`). Those states pass, so calls fail
 /// `UNAVAILABLE` (retry with backoff), never `INTERNAL`, and work again once they do.

@@ -129,7 +129,9 @@ impl AccessPolicy {
         peer: Option<SocketAddr>,
     ) -> Result<Actor, (tonic::Status, Option<String>)> {
         let Some(credentials) = &self.credentials else {
-            if auth::is_open(path) || peer.is_some_and(|p| p.ip().is_loopback()) {
+            // Canonical: on a dual-stack `[::]` listener a local IPv4 client arrives as
+            // `::ffff:127.0.0.1`, which `Ipv6Addr::is_loopback` alone does not accept.
+            if auth::is_open(path) || peer.is_some_and(|p| p.ip().to_canonical().is_loopback()) {
                 return Ok(Actor::anonymous());
             }
             return Err((
@@ -148,7 +150,7 @@ impl AccessPolicy {
                 v.strip_prefix("Bearer ")
                     .or_else(|| v.strip_prefix("bearer "))
             })
-            .map(str::trim);
+            .map(auth::presented_token);
         let caller = token.and_then(|t| credentials.authenticate(t));
         if auth::is_open(path) {
             return Ok(caller.map_or_else(Actor::anonymous, |c| Actor(c.name.clone())));
@@ -418,6 +420,11 @@ mod tests {
             Some(Actor::ANONYMOUS.into())
         );
         assert!(p.check(CREATE, &headers(None), loopback6).is_ok());
+        // A local IPv4 client on a dual-stack `[::]` listener.
+        let mapped = "[::ffff:127.0.0.1]:4000".parse().ok();
+        assert!(p.check(CREATE, &headers(None), mapped).is_ok());
+        let mapped_remote = "[::ffff:192.168.1.9]:4000".parse().ok();
+        assert!(p.check(CREATE, &headers(None), mapped_remote).is_err());
         let (err, _) = p
             .check(VERIFY, &headers(None), remote)
             .expect_err("remote peer");
