@@ -656,7 +656,49 @@ async fn bad_usage_requests_name_their_fields(backend: Backend) {
     assert_eq!(server.redis_key_count(), 0, "nothing written");
 }
 
+/// A session with many keys asks for fewer days at a time: 60 keys over 366 days would be
+/// 21 960 key-days, an answer of several MB that default gRPC clients refuse (4 MiB); the call
+/// says how many days fit instead, and 333 days (19 980 key-days) are answered in full.
+async fn session_usage_is_bounded_by_keys_times_days(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut c = server.keys();
+    let id = unique_session("manykeys");
+    create_session(&mut c, &id, pb::Plan::Pro, pb::Environment::Live).await;
+    for _ in 0..60 {
+        create_key(&mut c, &id).await;
+    }
+    let ask = |end: &str| pb::GetSessionUsageRequest {
+        session_id: id.clone(),
+        start_date: "2026-01-01".into(),
+        end_date: end.into(),
+    };
+    // 2026-01-01 + 365 days: 366 days.
+    let err = server
+        .usage()
+        .get_session_usage(ask("2027-01-01"))
+        .await
+        .expect_err("21 960 key-days");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(bad_fields(&err), ["end_date"]);
+    assert!(
+        err.message().contains("at most 333 days"),
+        "{}",
+        err.message()
+    );
+    // 2026-01-01 + 332 days: 333 days.
+    let answer = server
+        .usage()
+        .get_session_usage(ask("2026-11-29"))
+        .await
+        .expect("19 980 key-days")
+        .into_inner();
+    assert_eq!(answer.keys.len(), 60);
+    assert_eq!(answer.days.len(), 333);
+    assert!(answer.keys.iter().all(|k| k.days.len() == 333));
+}
+
 for_all_stores!(
+    session_usage_is_bounded_by_keys_times_days,
     verifications_are_counted_per_decision,
     outcomes_give_exact_averages_percentiles_and_rates,
     error_codes_per_key_and_day_are_bounded,

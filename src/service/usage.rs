@@ -19,6 +19,12 @@ use crate::store::{AlertChange, Store};
 /// Longest date range of a usage query, in days (inclusive of both ends).
 pub const MAX_RANGE_DAYS: i32 = 366;
 
+/// Most key-days one `GetSessionUsage` answers (keys of the session × days of the range). A
+/// key-day is ~120 bytes on the wire, so this keeps an answer near 2.4 MB, under the 4 MiB
+/// that gRPC clients accept by default (grpc-go, grpc-java, grpcurl); a session with many keys
+/// (Pro and Enterprise have no key limit, and revoked keys stay listed) asks for fewer days.
+pub const MAX_SESSION_KEY_DAYS: usize = 20_000;
+
 /// An outcome as reported, before the time window check.
 #[derive(Clone, Debug)]
 pub struct ReportedOutcome {
@@ -186,6 +192,22 @@ impl<S: Store> UsageService<S> {
         let (from, to) = Self::date_range(start, end)?;
         self.keys.get_session(session_id).await?;
         let keys = self.all_keys(session_id).await?;
+        let span = usize::try_from(to.days_since_epoch() - from.days_since_epoch() + 1)
+            .unwrap_or(usize::MAX);
+        if keys.len().saturating_mul(span) > MAX_SESSION_KEY_DAYS {
+            let most = (MAX_SESSION_KEY_DAYS / keys.len().max(1)).max(1);
+            return Err(DomainError::invalid(
+                "end_date",
+                format!(
+                    "the session has {} keys, so a range of {span} days is {} key-days, more \
+                     than the {MAX_SESSION_KEY_DAYS} one answer holds: ask for at most {most} \
+                     days at a time",
+                    keys.len(),
+                    keys.len().saturating_mul(span)
+                ),
+            )
+            .into());
+        }
         let reports = self.reports(keys, from, to).await?;
         let mut days: Vec<(UtcDate, DayCounters)> = dates(from, to)
             .into_iter()
