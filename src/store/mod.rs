@@ -81,7 +81,8 @@ pub enum RotateKey {
     /// The new key id is taken (draw another one and retry).
     KeyIdTaken,
     /// A rotation with a grace period would take the session more than one key over its key
-    /// limit: another rotated key's grace period is still running.
+    /// limit: it is over the limit already (a rotation's grace period running, or a move to a
+    /// smaller plan).
     LimitReached {
         max_keys: u32,
         plan: Plan,

@@ -313,7 +313,8 @@ return redis.call('HMGET', KEYS[1], 's', 'e', 'n', 'st', 'ct', 'lu', 'x', 'rt', 
 ///
 /// Reply: `{1, old fields, new fields}`; `{-1}` no such key in that session; `{-2}` old key
 /// not active; `{-3}` old key already rotated; `{-4}` new key id taken; `{-5, max keys,
-/// plan}` the session is already over its key limit (another rotation's grace is running).
+/// plan}` the session is already over its key limit (a rotation's grace period running, or
+/// a move to a smaller plan).
 ///
 /// With a grace period the old key stays in the active set until it expires (its score
 /// becomes its new expiry), so it keeps counting while it works; the new key may take the
