@@ -194,19 +194,8 @@ impl<S: Store> UsageService<S> {
         let keys = self.all_keys(session_id).await?;
         let span = usize::try_from(to.days_since_epoch() - from.days_since_epoch() + 1)
             .unwrap_or(usize::MAX);
-        if keys.len().saturating_mul(span) > MAX_SESSION_KEY_DAYS {
-            let most = (MAX_SESSION_KEY_DAYS / keys.len().max(1)).max(1);
-            return Err(DomainError::invalid(
-                "end_date",
-                format!(
-                    "the session has {} keys, so a range of {span} days is {} key-days, more \
-                     than the {MAX_SESSION_KEY_DAYS} one answer holds: ask for at most {most} \
-                     days at a time",
-                    keys.len(),
-                    keys.len().saturating_mul(span)
-                ),
-            )
-            .into());
+        if let Some(why) = session_usage_too_large(keys.len(), span) {
+            return Err(DomainError::invalid("end_date", why).into());
         }
         let reports = self.reports(keys, from, to).await?;
         let mut days: Vec<(UtcDate, DayCounters)> = dates(from, to)
@@ -422,4 +411,46 @@ fn describe(key: &KeyRecord, r: &Reading, a: &KeyActivity, used: u32, limit: u32
 
 fn dates(from: UtcDate, to: UtcDate) -> Vec<UtcDate> {
     UtcDate::range(from, to).collect()
+}
+
+/// Why one `GetSessionUsage` answer for `keys` keys over `span` days would be too large, if
+/// it would (see [`MAX_SESSION_KEY_DAYS`]): how many days fit, or, for a session past the
+/// bound's number of keys, where to read its usage instead.
+fn session_usage_too_large(keys: usize, span: usize) -> Option<String> {
+    let key_days = keys.saturating_mul(span);
+    if key_days <= MAX_SESSION_KEY_DAYS {
+        return None;
+    }
+    let most = MAX_SESSION_KEY_DAYS / keys.max(1);
+    Some(if most == 0 {
+        format!(
+            "the session has {keys} keys (revoked ones included), more than one answer holds \
+             even for a single day ({MAX_SESSION_KEY_DAYS} key-days): read its keys' usage with \
+             GetKeyUsage"
+        )
+    } else {
+        format!(
+            "the session has {keys} keys, so a range of {span} days is {key_days} key-days, \
+             more than the {MAX_SESSION_KEY_DAYS} one answer holds: ask for at most {most} \
+             days at a time"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bound, including the sessions the gRPC test cannot build cheaply: past 20 000 keys
+    /// not even one day fits, and the answer says where to read the usage instead.
+    #[test]
+    fn session_usage_is_bounded_in_key_days() {
+        assert_eq!(session_usage_too_large(60, 333), None);
+        assert_eq!(session_usage_too_large(20_000, 1), None);
+        let days = session_usage_too_large(60, 366).expect("21 960 key-days");
+        assert!(days.contains("at most 333 days"), "{days}");
+        let keys = session_usage_too_large(20_001, 1).expect("20 001 key-days");
+        assert!(keys.contains("GetKeyUsage"), "{keys}");
+        assert!(session_usage_too_large(usize::MAX, usize::MAX).is_some());
+    }
 }
