@@ -656,9 +656,9 @@ async fn bad_usage_requests_name_their_fields(backend: Backend) {
     assert_eq!(server.redis_key_count(), 0, "nothing written");
 }
 
-/// A session with many keys asks for fewer days at a time: 60 keys over 366 days would be
-/// 21 960 key-days, an answer of several MB that default gRPC clients refuse (4 MiB); the call
-/// says how many days fit instead, and 333 days (19 980 key-days) are answered in full.
+/// A session with many keys asks for fewer days at a time: 60 keys over 366 days are past the
+/// bound of 20 000 entries, keys x (days + 1); the call says how many days fit instead, and 332
+/// days are answered in full, in under 2.5 MB, well under the 4 MiB default gRPC clients take.
 async fn session_usage_is_bounded_by_keys_times_days(backend: Backend) {
     let server = TestServer::start(backend).await;
     let mut c = server.keys();
@@ -677,24 +677,26 @@ async fn session_usage_is_bounded_by_keys_times_days(backend: Backend) {
         .usage()
         .get_session_usage(ask("2027-01-01"))
         .await
-        .expect_err("21 960 key-days");
+        .expect_err("60 x 367 entries");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(bad_fields(&err), ["end_date"]);
     assert!(
-        err.message().contains("at most 333 days"),
+        err.message().contains("at most 332 days"),
         "{}",
         err.message()
     );
-    // 2026-01-01 + 332 days: 333 days.
+    // 2026-01-01 + 331 days: 332 days.
     let answer = server
         .usage()
-        .get_session_usage(ask("2026-11-29"))
+        .get_session_usage(ask("2026-11-28"))
         .await
-        .expect("19 980 key-days")
+        .expect("60 x 333 entries")
         .into_inner();
     assert_eq!(answer.keys.len(), 60);
-    assert_eq!(answer.days.len(), 333);
-    assert!(answer.keys.iter().all(|k| k.days.len() == 333));
+    assert_eq!(answer.days.len(), 332);
+    assert!(answer.keys.iter().all(|k| k.days.len() == 332));
+    let bytes = prost::Message::encoded_len(&answer);
+    assert!(bytes < 2_500_000, "{bytes} bytes on the wire");
 }
 
 for_all_stores!(

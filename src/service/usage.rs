@@ -19,10 +19,11 @@ use crate::store::{AlertChange, Store};
 /// Longest date range of a usage query, in days (inclusive of both ends).
 pub const MAX_RANGE_DAYS: i32 = 366;
 
-/// Most key-days one `GetSessionUsage` answers (keys of the session × days of the range). A
-/// key-day is ~120 bytes on the wire, so this keeps an answer near 2.4 MB, under the 4 MiB
-/// that gRPC clients accept by default (grpc-go, grpc-java, grpcurl); a session with many keys
-/// (Pro and Enterprise have no key limit, and revoked keys stay listed) asks for fewer days.
+/// Most entries one `GetSessionUsage` answers: keys × (days + 1), each key counted once more
+/// for its own details. An entry is ~115 bytes on the wire (60 keys over 332 days encode to
+/// 2.3 MB), so this keeps an answer near 2.3 MB, under the 4 MiB that gRPC clients accept by
+/// default (grpc-go, grpc-java, grpcurl); a session with many keys (Pro and Enterprise have no
+/// key limit, and revoked keys stay listed) asks for fewer days.
 pub const MAX_SESSION_KEY_DAYS: usize = 20_000;
 
 /// An outcome as reported, before the time window check.
@@ -417,22 +418,20 @@ fn dates(from: UtcDate, to: UtcDate) -> Vec<UtcDate> {
 /// it would (see [`MAX_SESSION_KEY_DAYS`]): how many days fit, or, for a session past the
 /// bound's number of keys, where to read its usage instead.
 fn session_usage_too_large(keys: usize, span: usize) -> Option<String> {
-    let key_days = keys.saturating_mul(span);
-    if key_days <= MAX_SESSION_KEY_DAYS {
+    let entries = keys.saturating_mul(span.saturating_add(1));
+    if entries <= MAX_SESSION_KEY_DAYS {
         return None;
     }
-    let most = MAX_SESSION_KEY_DAYS / keys.max(1);
+    let most = (MAX_SESSION_KEY_DAYS / keys.max(1)).saturating_sub(1);
     Some(if most == 0 {
         format!(
             "the session has {keys} keys (revoked ones included), more than one answer holds \
-             even for a single day ({MAX_SESSION_KEY_DAYS} key-days): read its keys' usage with \
-             GetKeyUsage"
+             even for a single day: read its keys' usage with GetKeyUsage"
         )
     } else {
         format!(
-            "the session has {keys} keys, so a range of {span} days is {key_days} key-days, \
-             more than the {MAX_SESSION_KEY_DAYS} one answer holds: ask for at most {most} \
-             days at a time"
+            "the session has {keys} keys, more than one answer holds over {span} days: ask \
+             for at most {most} days at a time"
         )
     })
 }
@@ -441,15 +440,15 @@ fn session_usage_too_large(keys: usize, span: usize) -> Option<String> {
 mod tests {
     use super::*;
 
-    /// The bound, including the sessions the gRPC test cannot build cheaply: past 20 000 keys
+    /// The bound, including the sessions the gRPC test cannot build cheaply: past 10 000 keys
     /// not even one day fits, and the answer says where to read the usage instead.
     #[test]
-    fn session_usage_is_bounded_in_key_days() {
-        assert_eq!(session_usage_too_large(60, 333), None);
-        assert_eq!(session_usage_too_large(20_000, 1), None);
-        let days = session_usage_too_large(60, 366).expect("21 960 key-days");
-        assert!(days.contains("at most 333 days"), "{days}");
-        let keys = session_usage_too_large(20_001, 1).expect("20 001 key-days");
+    fn session_usage_is_bounded_in_entries() {
+        assert_eq!(session_usage_too_large(60, 332), None);
+        assert_eq!(session_usage_too_large(10_000, 1), None);
+        let days = session_usage_too_large(60, 366).expect("60 x 367 entries");
+        assert!(days.contains("at most 332 days"), "{days}");
+        let keys = session_usage_too_large(10_001, 1).expect("10 001 x 2 entries");
         assert!(keys.contains("GetKeyUsage"), "{keys}");
         assert!(session_usage_too_large(usize::MAX, usize::MAX).is_some());
     }
