@@ -30,7 +30,7 @@ use std::time::Duration;
 use redis::Cmd;
 use tokio::sync::oneshot;
 
-use super::{Conn, StoreError, eval, gives_up_connection, scripts, store_error};
+use super::{Conn, StoreError, eval, gives_up_connection, scripts, store_error, transient_code};
 use crate::domain::Millis;
 
 /// Most verifications in one script call: bounds the time Redis spends in one script (a batch
@@ -244,26 +244,14 @@ async fn call(jobs: Vec<Job>, mut conn: Conn, timeout: Option<Duration>, batcher
 }
 
 /// A verification's error caught inside a batch (the script's `pcall` turns it into a line),
-/// classified by its Redis error code as the same error outside a batch would be: a Redis
-/// refusing for a while (out of memory, short of replicas, a replica now, a cluster in
-/// reconfiguration) is transient, and READONLY also means the lane's connection reaches a
-/// replica and should go; anything else (a corrupt record) is this verification's own.
+/// classified by its Redis error code as the same error outside a batch would be
+/// ([`transient_code`]); READONLY also means the lane's connection reaches a replica and should
+/// go. Anything else (a corrupt record) is this verification's own.
 fn failure_in_batch(message: &str) -> Failure {
     let code = message.split_whitespace().next().unwrap_or_default();
-    let transient = matches!(
-        code,
-        "OOM"
-            | "NOREPLICAS"
-            | "READONLY"
-            | "BUSY"
-            | "MASTERDOWN"
-            | "LOADING"
-            | "TRYAGAIN"
-            | "CLUSTERDOWN"
-    );
     let message = format!("redis: {message}");
     Failure {
-        error: if transient {
+        error: if transient_code(code) {
             StoreError::transient(message)
         } else {
             StoreError::permanent(message)

@@ -203,20 +203,31 @@ fn store_error(err: &RedisError) -> StoreError {
         || err.is_connection_dropped()
         || err.is_connection_refusal()
         || err.is_cluster_error()
-        || matches!(
-            err.kind(),
-            ErrorKind::ClusterConnectionNotFound
-                | ErrorKind::Server(ServerErrorKind::BusyLoading)
-                | ErrorKind::Server(ServerErrorKind::MasterDown)
-                | ErrorKind::Server(ServerErrorKind::ReadOnly)
-        )
-        // Redis busy with another client's long script, out of memory under `maxmemory`, or
-        // short of replicas for `min-replicas-to-write`: states that pass, so retry later.
-        || matches!(err.code(), Some("BUSY" | "OOM" | "NOREPLICAS"));
+        || err.kind() == ErrorKind::ClusterConnectionNotFound
+        || err.code().is_some_and(transient_code);
     StoreError {
         transient,
         message: format!("redis: {err}"),
     }
+}
+
+/// Redis error codes for states that pass, so worth a retry: loading its dataset, busy with
+/// another client's long script, out of memory under `maxmemory`, short of replicas for
+/// `min-replicas-to-write`, a master down or demoted to replica, a cluster reconfiguring. One
+/// list for errors met directly ([`store_error`]) and those a batch's script caught per
+/// verification (`batch.rs`).
+fn transient_code(code: &str) -> bool {
+    matches!(
+        code,
+        "LOADING"
+            | "BUSY"
+            | "OOM"
+            | "NOREPLICAS"
+            | "MASTERDOWN"
+            | "READONLY"
+            | "TRYAGAIN"
+            | "CLUSTERDOWN"
+    )
 }
 
 impl RedisStore {
