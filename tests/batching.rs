@@ -11,11 +11,7 @@ use common::{
     Backend, T0, TestServer, create_key, create_session, decision, unique_prefix, unique_session,
 };
 use futures_util::future::join_all;
-use rand::RngCore;
-use sendable_keys::domain::{
-    Environment, HASH_VERSION, KeyHash, KeyId, KeyRecord, KeyState, Plan, SessionId, SessionRecord,
-    UtcDate,
-};
+use sendable_keys::domain::{HASH_VERSION, KeyId, Plan, SessionRecord, UtcDate};
 use sendable_keys::grpc::pb;
 use sendable_keys::store::memory::MemoryStore;
 use sendable_keys::store::redis::RedisStore;
@@ -144,12 +140,7 @@ async fn a_record_missing_a_field_fails_without_writing(backend: Backend) {
                 .expect("hdel");
         });
         assert_eq!(stripped, 1);
-        let err = c
-            .verify_key(pb::VerifyKeyRequest {
-                key: secret.clone(),
-                expected_environment: 0,
-                cost: 0,
-            })
+        let err = common::try_verify(&mut c, secret)
             .await
             .expect_err("a record without its environment");
         assert_eq!(err.code(), Code::Internal, "{err:?}");
@@ -248,40 +239,18 @@ async fn verifications_of_different_minutes_in_one_flush_answer_for_their_own(ba
         RedisStore::new(&common::redis_config(backend, &unique_prefix())).expect("redis store");
     let memory = MemoryStore::new();
     let session = SessionRecord {
-        id: SessionId::parse(&unique_session("minutes")).expect("session id"),
-        environment: Environment::Live,
-        plan: Plan::Enterprise,
-        enabled: true,
         custom_rate_limit: Some(7),
-        custom_max_keys: None,
-        create_ms: T0,
-        update_ms: T0,
-        version: 1,
-        active_keys: 0,
+        ..common::session_record("minutes", Plan::Enterprise)
     };
     assert!(redis.create_session(&session).await.expect("session"));
     assert!(memory.create_session(&session).await.expect("session"));
     let mut rng = rand::rng();
     let mut keys = Vec::new();
     for _ in 0..12 {
-        let record = KeyRecord {
-            id: KeyId::generate_in_shard(session.id.shard(), &mut rng),
-            session_id: session.id.clone(),
-            environment: Environment::Live,
-            name: String::new(),
-            state: KeyState::Active,
-            create_ms: T0,
-            last_used_ms: None,
-            expire_ms: None,
-            revoke_ms: None,
-            revoke_reason: String::new(),
-            replaced_by: None,
-        };
-        let mut hash = [0u8; 32];
-        rng.fill_bytes(&mut hash);
+        let (record, hash) = common::key_record(&session, "", &mut rng);
         let new = NewKey {
             record: &record,
-            hash: KeyHash(hash),
+            hash,
             hash_version: HASH_VERSION,
         };
         for inserted in [
@@ -293,7 +262,7 @@ async fn verifications_of_different_minutes_in_one_flush_answer_for_their_own(ba
                 "{inserted:?}"
             );
         }
-        keys.push((record.id, KeyHash(hash)));
+        keys.push((record.id, hash));
     }
 
     let mut next = common::xorshift(0x5eed_1234);

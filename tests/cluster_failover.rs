@@ -22,7 +22,6 @@ use common::{
 use sendable_keys::grpc::pb;
 use sendable_keys::grpc::pb::key_service_client::KeyServiceClient;
 use sendable_keys::store::redis::{RedisConfig, RedisStore};
-use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -72,35 +71,12 @@ fn wait_until_master(port: u16) {
     }
 }
 
-/// Verifies `secret` until an answer comes (bounded at 30 s); every failure on the way must be
-/// UNAVAILABLE, the store's "no answer" — never another code, never a wrong decision. Returns
-/// the answer and how many calls failed first.
+/// [`common::verify_until_answered`], bounded at 30 s.
 async fn verify_until_answered(
     c: &mut KeyServiceClient<Channel>,
     secret: &str,
 ) -> (pb::VerifyKeyResponse, usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut failed = 0;
-    loop {
-        match c
-            .verify_key(pb::VerifyKeyRequest {
-                key: secret.to_owned(),
-                expected_environment: 0,
-                cost: 0,
-            })
-            .await
-        {
-            Ok(answer) => return (answer.into_inner(), failed),
-            Err(err) => {
-                assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-                failed += 1;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "VerifyKey still failing after {failed} calls"
-        );
-    }
+    common::verify_until_answered(c, secret, Duration::from_secs(30)).await
 }
 
 fn remaining(answer: &pb::VerifyKeyResponse) -> u32 {
@@ -204,16 +180,9 @@ async fn the_service_follows_a_manual_and_a_crash_failover() {
         tokio::spawn(async move {
             let (mut answered, mut failures) = (0, Vec::new());
             while !stop.load(Ordering::Relaxed) {
-                match c
-                    .verify_key(pb::VerifyKeyRequest {
-                        key: bystander.clone(),
-                        expected_environment: 0,
-                        cost: 0,
-                    })
-                    .await
-                {
+                match common::try_verify(&mut c, &bystander).await {
                     Ok(answer) => {
-                        assert_eq!(decision(&answer.into_inner()), pb::Decision::Valid);
+                        assert_eq!(decision(&answer), pb::Decision::Valid);
                         answered += 1;
                     }
                     Err(err) => failures.push(format!("VerifyKey: {:?}", err.code())),

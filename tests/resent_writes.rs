@@ -8,11 +8,9 @@
 
 mod common;
 
-use common::{Backend, T0, redis_config, unique_prefix, unique_session};
+use common::{Backend, T0, redis_config, unique_prefix};
 use rand::RngCore;
-use sendable_keys::domain::{
-    Environment, HASH_VERSION, KeyHash, KeyId, KeyRecord, KeyState, Plan, SessionId, SessionRecord,
-};
+use sendable_keys::domain::{HASH_VERSION, KeyHash, KeyRecord, KeyState, Plan, SessionRecord};
 use sendable_keys::store::memory::MemoryStore;
 use sendable_keys::store::redis::RedisStore;
 use sendable_keys::store::{InsertKey, NewKey, RotateKey, Store};
@@ -21,22 +19,7 @@ use sendable_keys::store::{InsertKey, NewKey, RotateKey, Store};
 const PLAN_MAX_KEYS: [u32; 4] = [3, 10, 0, 0];
 
 fn new_record(session: &SessionRecord, rng: &mut impl RngCore) -> (KeyRecord, KeyHash) {
-    let record = KeyRecord {
-        id: KeyId::generate_in_shard(session.id.shard(), rng),
-        session_id: session.id.clone(),
-        environment: Environment::Live,
-        name: "replayed".into(),
-        state: KeyState::Active,
-        create_ms: T0,
-        last_used_ms: None,
-        expire_ms: None,
-        revoke_ms: None,
-        revoke_reason: String::new(),
-        replaced_by: None,
-    };
-    let mut hash = [0u8; 32];
-    rng.fill_bytes(&mut hash);
-    (record, KeyHash(hash))
+    common::key_record(session, "replayed", rng)
 }
 
 fn new_key(record: &KeyRecord, hash: KeyHash) -> NewKey<'_> {
@@ -57,18 +40,7 @@ async fn active_keys(store: &impl Store, session: &SessionRecord) -> u32 {
 }
 
 async fn replays_answer_as_the_first_call_did(store: &impl Store) {
-    let session = SessionRecord {
-        id: SessionId::parse(&unique_session("replay")).expect("session id"),
-        environment: Environment::Live,
-        plan: Plan::Free,
-        enabled: true,
-        custom_rate_limit: None,
-        custom_max_keys: None,
-        create_ms: T0,
-        update_ms: T0,
-        version: 1,
-        active_keys: 0,
-    };
+    let session = common::session_record("replay", Plan::Free);
     assert!(store.create_session(&session).await.expect("session"));
     let mut rng = rand::rng();
 

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use common::redis::DedicatedRedis;
 use common::relay::Relay;
 use common::{
-    Backend, TestServer, create_key, create_session, decision, reason, unique_prefix,
-    unique_session, verify,
+    Backend, TestServer, create_key, create_session, decision, reason, try_verify, unique_prefix,
+    unique_session, verify, verify_until_answered,
 };
 use sendable_keys::grpc::pb;
 use sendable_keys::store::redis::{RedisConfig, RedisStore};
@@ -250,7 +250,7 @@ async fn a_busy_or_full_redis_is_unavailable_not_internal() {
             .get_connection()
             .expect("connect")
     };
-    let unavailable = |result: Result<tonic::Response<pb::VerifyKeyResponse>, tonic::Status>| {
+    let unavailable = |result: Result<pb::VerifyKeyResponse, tonic::Status>| {
         let err = result.expect_err("Redis is refusing");
         assert_eq!(err.code(), Code::Unavailable, "{err:?}");
         assert_eq!(reason(&err), "STORE_UNAVAILABLE");
@@ -284,14 +284,7 @@ async fn a_busy_or_full_redis_is_unavailable_not_internal() {
             ),
         }
     }
-    unavailable(
-        c.verify_key(pb::VerifyKeyRequest {
-            key: secret.clone(),
-            expected_environment: 0,
-            cost: 0,
-        })
-        .await,
-    );
+    unavailable(try_verify(&mut c, &secret).await);
     let _: () = ::redis::cmd("SCRIPT")
         .arg("KILL")
         .query(&mut probe)
@@ -314,14 +307,7 @@ async fn a_busy_or_full_redis_is_unavailable_not_internal() {
             .expect("config");
     };
     set_maxmemory("1");
-    unavailable(
-        c.verify_key(pb::VerifyKeyRequest {
-            key: secret.clone(),
-            expected_environment: 0,
-            cost: 0,
-        })
-        .await,
-    );
+    unavailable(try_verify(&mut c, &secret).await);
     let _: () = ::redis::cmd("CONFIG")
         .arg("RESETSTAT")
         .query(&mut admin())
@@ -329,14 +315,7 @@ async fn a_busy_or_full_redis_is_unavailable_not_internal() {
     let together = (0..32).map(|_| {
         let mut c = c.clone();
         let key = secret.clone();
-        async move {
-            c.verify_key(pb::VerifyKeyRequest {
-                key,
-                expected_environment: 0,
-                cost: 0,
-            })
-            .await
-        }
+        async move { try_verify(&mut c, &key).await }
     });
     for result in futures_util::future::join_all(together).await {
         unavailable(result);
@@ -370,12 +349,7 @@ async fn losing_redis_fails_closed_and_recovers() {
     let mut c = server.keys();
 
     redis.kill();
-    let err = c
-        .verify_key(pb::VerifyKeyRequest {
-            key: secret.clone(),
-            expected_environment: 0,
-            cost: 0,
-        })
+    let err = try_verify(&mut c, &secret)
         .await
         .expect_err("no store, no answer");
     assert_eq!(err.code(), Code::Unavailable);
@@ -418,31 +392,9 @@ async fn redis_connections_that_went_silent_are_replaced() {
     relay.freeze_existing();
     // Each call now either times out (UNAVAILABLE, never a guess) or runs on a new
     // connection; the service must get there by itself, within a few timeouts.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let mut timed_out = 0;
-    loop {
-        let answer = c
-            .verify_key(pb::VerifyKeyRequest {
-                key: secret.clone(),
-                expected_environment: 0,
-                cost: 0,
-            })
-            .await;
-        match answer {
-            Ok(response) => {
-                assert_eq!(decision(&response.into_inner()), pb::Decision::Valid);
-                break;
-            }
-            Err(err) => {
-                assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-                timed_out += 1;
-            }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "VerifyKey still failing after {timed_out} calls on a silent connection"
-        );
-    }
+    let (answer, timed_out) =
+        verify_until_answered(&mut c, &secret, std::time::Duration::from_secs(20)).await;
+    assert_eq!(decision(&answer), pb::Decision::Valid);
     assert!(timed_out >= 1, "the silenced connection was the one in use");
     assert!(relay.accepted() > before, "a new connection was opened");
     // Management calls (on their own connection) recover the same way.

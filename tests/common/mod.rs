@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sendable_keys::app::{self, ServeOptions};
-use sendable_keys::domain::{KeyHasher, Pepper};
+use sendable_keys::domain::{
+    KeyHash, KeyHasher, KeyId, KeyRecord, KeyState, Pepper, SessionId, SessionRecord,
+};
 use sendable_keys::grpc::pb;
 use sendable_keys::grpc::pb::key_service_client::KeyServiceClient;
 use sendable_keys::service::clock::{Clock, ManualClock};
@@ -415,7 +417,12 @@ pub async fn create_key(
     (response.key.expect("key in response"), response.secret)
 }
 
-pub async fn verify(client: &mut KeyServiceClient<Channel>, key: &str) -> pb::VerifyKeyResponse {
+/// VerifyKey with no expected environment and the default cost, failure included: for tests
+/// that expect the call itself to fail.
+pub async fn try_verify(
+    client: &mut KeyServiceClient<Channel>,
+    key: &str,
+) -> Result<pb::VerifyKeyResponse, tonic::Status> {
     client
         .verify_key(pb::VerifyKeyRequest {
             key: key.to_owned(),
@@ -423,8 +430,80 @@ pub async fn verify(client: &mut KeyServiceClient<Channel>, key: &str) -> pb::Ve
             cost: 0,
         })
         .await
-        .expect("verify")
-        .into_inner()
+        .map(tonic::Response::into_inner)
+}
+
+pub async fn verify(client: &mut KeyServiceClient<Channel>, key: &str) -> pb::VerifyKeyResponse {
+    try_verify(client, key).await.expect("verify")
+}
+
+/// Verifies `key` until an answer comes, for at most `within`; every failure on the way must
+/// be UNAVAILABLE, the store's "no answer" (never another code, never a guess). Returns the
+/// answer and how many calls failed first.
+pub async fn verify_until_answered(
+    client: &mut KeyServiceClient<Channel>,
+    key: &str,
+    within: Duration,
+) -> (pb::VerifyKeyResponse, usize) {
+    let deadline = std::time::Instant::now() + within;
+    let mut failed = 0;
+    loop {
+        match try_verify(client, key).await {
+            Ok(answer) => return (answer, failed),
+            Err(err) => {
+                assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+                failed += 1;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "VerifyKey still failing after {failed} calls"
+        );
+    }
+}
+
+// ---- store-level records ---------------------------------------------------------------
+
+/// A live, enabled session record at [`T0`], on `plan`, with no custom limits, for tests that
+/// talk to a store directly.
+pub fn session_record(label: &str, plan: sendable_keys::domain::Plan) -> SessionRecord {
+    SessionRecord {
+        id: SessionId::parse(&unique_session(label)).expect("session id"),
+        environment: sendable_keys::domain::Environment::Live,
+        plan,
+        enabled: true,
+        custom_rate_limit: None,
+        custom_max_keys: None,
+        create_ms: T0,
+        update_ms: T0,
+        version: 1,
+        active_keys: 0,
+    }
+}
+
+/// A new active key record of `session` (an id in its shard, created at [`T0`]) with a
+/// random hash, for tests that insert keys into a store directly.
+pub fn key_record(
+    session: &SessionRecord,
+    name: &str,
+    rng: &mut impl rand::RngCore,
+) -> (KeyRecord, KeyHash) {
+    let record = KeyRecord {
+        id: KeyId::generate_in_shard(session.id.shard(), rng),
+        session_id: session.id.clone(),
+        environment: session.environment,
+        name: name.to_owned(),
+        state: KeyState::Active,
+        create_ms: T0,
+        last_used_ms: None,
+        expire_ms: None,
+        revoke_ms: None,
+        revoke_reason: String::new(),
+        replaced_by: None,
+    };
+    let mut hash = [0u8; 32];
+    rng.fill_bytes(&mut hash);
+    (record, KeyHash(hash))
 }
 
 pub fn decision(response: &pb::VerifyKeyResponse) -> pb::Decision {
