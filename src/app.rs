@@ -380,6 +380,34 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Warns when a Redis node may evict: a full Redis with any `maxmemory-policy` but
+/// `noeviction` deletes keys to make room, and here those are key records (a working key turns
+/// NOT_FOUND), session tables, rate-limit windows (a limit stops being exact), usage and audit
+/// history. Checked once, at startup, like Sidekiq's warning of the same kind.
+async fn warn_if_redis_evicts(store: &RedisStore) {
+    match store.eviction_policies().await {
+        Ok(policies) => {
+            let evicting: std::collections::BTreeSet<&str> = policies
+                .iter()
+                .map(String::as_str)
+                .filter(|p| *p != "noeviction")
+                .collect();
+            if !evicting.is_empty() {
+                let policies = evicting.into_iter().collect::<Vec<_>>().join(", ");
+                tracing::warn!(
+                    maxmemory_policy = %policies,
+                    "Redis may delete this service's data when it is full (key records, sessions, \
+                     rate-limit windows, usage, audit): set maxmemory-policy noeviction"
+                );
+            }
+        }
+        Err(err) => tracing::info!(
+            error = %err,
+            "could not read Redis's maxmemory-policy (INFO memory); noeviction is recommended"
+        ),
+    }
+}
+
 async fn run_with<S: Store>(
     store: Arc<S>,
     hasher: KeyHasher,
@@ -506,8 +534,12 @@ pub async fn run(args: ServeArgs, tracing_exported: bool) -> Result<(), AppError
         timeout: args.redis_timeout,
     };
     let store = RedisStore::new(&redis).map_err(|e| AppError::Config(e.message))?;
-    if let Err(err) = store.warm_up().await {
-        tracing::warn!(error = %err, "Redis not reachable yet; will keep trying (NOT_SERVING until then)");
+    match store.warm_up().await {
+        Ok(()) => warn_if_redis_evicts(&store).await,
+        Err(err) => tracing::warn!(
+            error = %err,
+            "Redis not reachable yet; will keep trying (NOT_SERVING until then)"
+        ),
     }
     tracing::info!(store = %store.describe(), "using Redis");
     run_with(

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::redis::{ReplicatedCluster, node_role, replica_of, wait_replica_in_sync};
+use common::redis::{OwnedCluster, node_role, replica_of, wait_replica_in_sync};
 use common::{
     Backend, TestServer, create_enterprise_session, create_key, decision, unique_prefix,
     unique_session, verify,
@@ -31,7 +31,7 @@ const LIMIT: u32 = 20;
 
 /// The port of the master that holds everything stored under `prefix` (a session and its keys
 /// share one hash tag, so one slot, so one master).
-fn master_holding(cluster: &ReplicatedCluster, prefix: &str) -> u16 {
+fn master_holding(cluster: &OwnedCluster, prefix: &str) -> u16 {
     let holders: Vec<u16> = cluster
         .nodes
         .iter()
@@ -44,7 +44,7 @@ fn master_holding(cluster: &ReplicatedCluster, prefix: &str) -> u16 {
 }
 
 /// The port of the master holding `session`'s data (its key index lives in its shard's slot).
-fn master_of_session(cluster: &ReplicatedCluster, prefix: &str, session: &str) -> Option<u16> {
+fn master_of_session(cluster: &OwnedCluster, prefix: &str, session: &str) -> Option<u16> {
     cluster
         .nodes
         .iter()
@@ -85,7 +85,7 @@ fn remaining(answer: &pb::VerifyKeyResponse) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_follows_a_manual_and_a_crash_failover() {
-    let mut cluster = tokio::task::spawn_blocking(ReplicatedCluster::start)
+    let mut cluster = tokio::task::spawn_blocking(OwnedCluster::replicated)
         .await
         .expect("cluster");
     let prefix = unique_prefix();

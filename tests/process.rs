@@ -424,6 +424,43 @@ fn batch_histogram(admin: &str) -> (u64, u64) {
     (value("_count"), value("_sum"))
 }
 
+/// A Redis that may delete data when full (any `maxmemory-policy` but `noeviction`) is named in
+/// a startup warning; one that never does is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_may_evict_is_warned_about_at_startup() {
+    const WARNING: &str = "set maxmemory-policy noeviction";
+    let redis = common::redis::DedicatedRedis::start();
+    let url = redis.server.url();
+    let calm = start(&[("REDIS_URL", url.as_str())]);
+    let logs = calm.logs();
+    assert!(logs.contains("using Redis"), "{logs}");
+    assert!(!logs.contains(WARNING), "{logs}");
+    drop(calm);
+
+    let mut conn = ::redis::Client::open(url.as_str())
+        .expect("url")
+        .get_connection()
+        .expect("connect");
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lru")
+        .query(&mut conn)
+        .expect("config set");
+    let evicting = start(&[("REDIS_URL", url.as_str())]);
+    let warning = evicting
+        .logs()
+        .lines()
+        .find(|line| line.contains(WARNING))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no warning in {}", evicting.logs()));
+    assert!(warning.contains("\"level\":\"WARN\""), "{warning}");
+    assert!(
+        warning.contains("\"maxmemory_policy\":\"allkeys-lru\""),
+        "{warning}"
+    );
+}
+
 /// Operators can see batching at work: `/metrics` counts every VERIFY script call and the
 /// verifications it carried, in agreement with Redis's own count of script calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -265,16 +265,27 @@ fn create_cluster(ports: &[u16], replicas: usize) {
     );
 }
 
-/// A Redis Cluster owned by one test: 3 masters with one replica each, on a 1 s node timeout
-/// and without `cluster-require-full-coverage`, so the test can fail a master over (by hand, or by killing it) and watch the service follow.
-pub struct ReplicatedCluster {
+/// A Redis Cluster owned by one test: 3 masters with `replicas` replicas each, on a 1 s node
+/// timeout and without `cluster-require-full-coverage`, so the test can reconfigure its nodes
+/// (or fail a master over, by hand or by killing it) and watch the service follow.
+pub struct OwnedCluster {
     pub nodes: Vec<DedicatedRedis>,
 }
 
-impl ReplicatedCluster {
-    pub fn start() -> Self {
+impl OwnedCluster {
+    /// 3 masters with a replica each (failover tests).
+    pub fn replicated() -> Self {
+        Self::start(1)
+    }
+
+    /// 3 masters alone, like the shared cluster, but this test's to reconfigure.
+    pub fn masters_only() -> Self {
+        Self::start(0)
+    }
+
+    fn start(replicas: usize) -> Self {
         require_binary("redis-cli");
-        let nodes: Vec<DedicatedRedis> = (0..6)
+        let nodes: Vec<DedicatedRedis> = (0..3 * (1 + replicas))
             .map(|_| {
                 let mut args = cluster_node_args("1000").to_vec();
                 // The setting the README recommends: the other masters keep serving while a
@@ -283,8 +294,11 @@ impl ReplicatedCluster {
                 DedicatedRedis::start_with(&args)
             })
             .collect();
-        create_cluster(&nodes.iter().map(|n| n.server.port).collect::<Vec<_>>(), 1);
-        let cluster = ReplicatedCluster { nodes };
+        create_cluster(
+            &nodes.iter().map(|n| n.server.port).collect::<Vec<_>>(),
+            replicas,
+        );
+        let cluster = OwnedCluster { nodes };
         wait_cluster_ok(&cluster.urls());
         for node in &cluster.nodes {
             if node_role(&node.server.url()) == "slave" {

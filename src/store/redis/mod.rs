@@ -338,6 +338,22 @@ impl RedisStore {
             .map_err(|e| store_error(&e))
     }
 
+    /// The `maxmemory-policy` of every node that answered (each master of a Cluster), read from
+    /// `INFO memory`, which managed Redis services answer even where they disable `CONFIG`.
+    /// Anything but `noeviction` lets a full Redis delete this service's data to make room
+    /// (`app` warns at startup).
+    pub async fn eviction_policies(&self) -> StoreResult<Vec<String>> {
+        let reply: Value = self
+            .run("eviction_policy", |mut c| async move {
+                redis::cmd("INFO").arg("memory").query_async(&mut c).await
+            })
+            .await?;
+        Ok(info_replies(&reply)
+            .into_iter()
+            .filter_map(|text| maxmemory_policy(&text).map(str::to_owned))
+            .collect())
+    }
+
     /// The lane for an operation. The per-request operations (VerifyKey, RecordOutcomes) use
     /// the first half of the lanes ("hot"), everything else the other half, so a large
     /// management pipeline (a year of a big session's usage) never queues in front of a
@@ -625,6 +641,25 @@ fn parse_window(packed: Option<&str>) -> StoreResult<WindowState> {
         }),
         _ => Err(corrupt("window")),
     }
+}
+
+/// The texts of an `INFO` reply: one from a server, or one per node from a Cluster (which
+/// answers a map of node address to reply; a node's error is left out).
+fn info_replies(value: &Value) -> Vec<String> {
+    match value {
+        Value::Map(nodes) => nodes.iter().flat_map(|(_, v)| info_replies(v)).collect(),
+        Value::BulkString(bytes) => vec![String::from_utf8_lossy(bytes).into_owned()],
+        Value::VerbatimString { text, .. } => vec![text.clone()],
+        Value::SimpleString(text) => vec![text.clone()],
+        _ => Vec::new(),
+    }
+}
+
+/// The value of `maxmemory_policy` in an `INFO memory` text.
+fn maxmemory_policy(info: &str) -> Option<&str> {
+    info.lines()
+        .find_map(|line| line.strip_prefix("maxmemory_policy:"))
+        .map(str::trim)
 }
 
 /// Decodes a script reply array of (possibly nil) bulk strings.
@@ -1309,6 +1344,11 @@ impl AuditStore for RedisStore {
             scripts::APPEND_AUDIT
                 .key(&name)
                 .arg(retention_ms.max(1))
+                .arg(if entry.records_a_revocation() {
+                    "1"
+                } else {
+                    "0"
+                })
                 .arg("t")
                 .arg(entry.time_ms)
                 .arg("c")
@@ -1413,6 +1453,45 @@ impl Store for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn eviction_policies_are_read_from_server_and_cluster_info_replies() {
+        let info = |policy: &str| {
+            format!("# Memory\r\nused_memory:1000\r\nmaxmemory:0\r\nmaxmemory_policy:{policy}\r\n")
+        };
+        let standalone = Value::BulkString(info("allkeys-lru").into_bytes());
+        let texts = info_replies(&standalone);
+        assert_eq!(
+            texts
+                .iter()
+                .filter_map(|t| maxmemory_policy(t))
+                .collect::<Vec<_>>(),
+            ["allkeys-lru"]
+        );
+        let cluster = Value::Map(vec![
+            (
+                Value::BulkString(b"10.0.0.1:6379".to_vec()),
+                Value::VerbatimString {
+                    format: redis::VerbatimFormat::Text,
+                    text: info("noeviction"),
+                },
+            ),
+            (
+                Value::BulkString(b"10.0.0.2:6379".to_vec()),
+                Value::BulkString(info("volatile-ttl").into_bytes()),
+            ),
+            (Value::BulkString(b"10.0.0.3:6379".to_vec()), Value::Nil),
+        ]);
+        let texts = info_replies(&cluster);
+        assert_eq!(
+            texts
+                .iter()
+                .filter_map(|t| maxmemory_policy(t))
+                .collect::<Vec<_>>(),
+            ["noeviction", "volatile-ttl"]
+        );
+        assert_eq!(maxmemory_policy("# Memory\r\nused_memory:1\r\n"), None);
+    }
 
     #[test]
     fn sessions_round_trip_through_their_packed_form() {

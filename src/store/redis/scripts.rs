@@ -10,6 +10,15 @@
 //! before their first write: a script that fails half-way cannot leave a half-written record,
 //! because nothing is written before the last check.
 //!
+//! Under `maxmemory` (a full Redis with `noeviction`), Redis refuses a script at its first
+//! write of a command that can add memory (HSET, HINCRBY, ZADD, XADD), unless the script has
+//! already written something, after which it cannot stop half-way. So the order of the first
+//! write decides what a full Redis does: scripts that add records (CreateKey, RotateKey) and
+//! VerifyKey, which must count what it admits, write such a command first and are refused
+//! whole (`OOM`, a transient `UNAVAILABLE`, nothing written); RevokeKey writes a `ZREM` first
+//! and goes through, so a key can be revoked at any time, as the product promises, and its
+//! audit entry likewise (`XTRIM` first). `tests/full_redis.rs` holds this.
+//!
 //! `redis::Script` sends EVALSHA and falls back to loading the script on NOSCRIPT, so a Redis
 //! restart, a failover to a replica that never saw SCRIPT LOAD, or a SCRIPT FLUSH costs one
 //! extra round trip, once, on that node.
@@ -242,8 +251,8 @@ return accepted
 /// Reply: `{1, active keys}` created; `{-1}` key id taken; `{-2}` no such session; `{-3}`
 /// environment differs from the session's; `{-4, max keys, plan}` limit reached.
 ///
-/// Expired members of the active set are dropped first (their score is their expiry), so
-/// expired keys stop counting without any background job.
+/// Expired members of the active set (their score is their expiry) are not counted, and are
+/// dropped once the key is written, so expired keys stop counting without any background job.
 ///
 /// The same call sent twice (redis-rs's cluster client resends a command whose connection
 /// dropped before the reply came back) is recognised by the stored hash, 178 random bits that
@@ -251,21 +260,20 @@ return accepted
 pub static INSERT_KEY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+local live = '(' .. ARGV[1]
 local h = redis.call('HGET', KEYS[1], 'h')
-if h == ARGV[5] then
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[1])
-  return {1, redis.call('ZCARD', KEYS[4])}
-end
+if h == ARGV[5] then return {1, redis.call('ZCOUNT', KEYS[4], live, '+inf')} end
 if h or redis.call('EXISTS', KEYS[1]) == 1 then return {-1} end
 local packed = redis.call('HGET', KEYS[2], ARGV[2])
 if not packed then return {-2} end
 local env, plan, _, _, cmk = string.match(packed, '^(%d+):(%d+):(%d+):(%d*):(%d*):')
 if env ~= ARGV[4] then return {-3} end
 local max = tonumber(cmk) or tonumber(ARGV[9 + tonumber(plan)]) or 0
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[1])
-local n = redis.call('ZCARD', KEYS[4])
+local n = redis.call('ZCOUNT', KEYS[4], live, '+inf')
 if max > 0 and n >= max then return {-4, max, tonumber(plan)} end
+-- The first write (see the module header on maxmemory): refused when Redis is full.
 redis.call('HSET', KEYS[1], 'h', ARGV[5], 's', ARGV[2], 'e', ARGV[4], 'ct', ARGV[7])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[1])
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'n', ARGV[6]) end
 local score = '+inf'
 if ARGV[8] ~= '' then
@@ -286,14 +294,18 @@ return {1, n + 1}
 ///
 /// Reply: `0` if no such key in that session; else the record fields ([`RECORD_FIELDS`])
 /// after the change. Revoking a revoked key changes nothing (the first reason stays).
+///
+/// Revocation works when Redis is full (see the module header on maxmemory): a leaked key can
+/// be revoked at any time, and stays revoked once Redis has room again.
 pub static REVOKE_KEY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local cur = redis.call('HMGET', KEYS[1], 'st', 's')
 if not cur[2] or cur[2] ~= ARGV[4] then return 0 end
 if cur[1] ~= 'r' then
-  redis.call('HSET', KEYS[1], 'st', 'r', 'rt', ARGV[1], 'rr', ARGV[2])
+  -- ZREM first: a write Redis never refuses, so a full Redis still takes the HSET after it.
   redis.call('ZREM', KEYS[2], ARGV[3])
+  redis.call('HSET', KEYS[1], 'st', 'r', 'rt', ARGV[1], 'rr', ARGV[2])
   redis.call('DEL', KEYS[3])
 end
 return redis.call('HMGET', KEYS[1], 's', 'e', 'n', 'st', 'ct', 'lu', 'x', 'rt', 'rr', 'rb')
@@ -341,10 +353,12 @@ if ARGV[10] ~= '' then
   if not packed then return {-1} end
   local plan, cmk = string.match(packed, '^%d+:(%d+):%d+:%d*:(%d*):')
   local max = tonumber(cmk) or tonumber(ARGV[11 + tonumber(plan)]) or 0
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[1])
-  if max > 0 and redis.call('ZCARD', KEYS[4]) > max then return {-5, max, tonumber(plan)} end
+  local n = redis.call('ZCOUNT', KEYS[4], '(' .. ARGV[1], '+inf')
+  if max > 0 and n > max then return {-5, max, tonumber(plan)} end
 end
+-- The first write (see the module header on maxmemory): refused when Redis is full.
 redis.call('HSET', KEYS[2], 'h', ARGV[6], 's', ARGV[4], 'e', ARGV[5], 'ct', ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[1])
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[2], 'n', ARGV[7]) end
 local score = '+inf'
 if ARGV[8] ~= '' then
@@ -388,20 +402,22 @@ return 1
 
 /// Audit log append with age-based trimming.
 ///
-/// KEYS[1] the session's audit stream. ARGV[1] retention (ms), then the entry's field/value
-/// pairs.
+/// KEYS[1] the session's audit stream. ARGV[1] retention (ms), ARGV[2] `1` to write the
+/// entry even when Redis is full (a revocation's: see the module header on maxmemory), then
+/// the entry's field/value pairs.
 ///
 /// Reply: the new entry's id. Ids and trimming use the Redis server's clock (`TIME`), the same
 /// clock as the key's TTL, so "older than the retention" means one thing everywhere.
 pub static APPEND_AUDIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
 local t = redis.call('TIME')
-local oldest = tonumber(t[1]) * 1000 - tonumber(ARGV[1])
-if oldest > 0 then
-  redis.call('XTRIM', KEYS[1], 'MINID', '~', oldest)
-end
+local oldest = math.max(tonumber(t[1]) * 1000 - tonumber(ARGV[1]), 0)
+-- Trimming is a write Redis never refuses; done first, the append after it is not refused.
+local first = ARGV[2] == '1'
+if first then redis.call('XTRIM', KEYS[1], 'MINID', '~', oldest) end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+if not first then redis.call('XTRIM', KEYS[1], 'MINID', '~', oldest) end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return id
 "#,
