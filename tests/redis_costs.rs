@@ -283,3 +283,43 @@ async fn record_outcomes_is_one_script_call_on_a_standalone_server() {
     let stats = commandstats(&mut conn);
     assert_eq!(stats.get("evalsha").copied(), Some(1), "{stats:?}");
 }
+
+/// Alert evaluation (ListAlerts, and every WatchAlerts tick) reads the keys that work, not the
+/// session's whole key history: after 30 keys created and revoked, one live key costs one
+/// record read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_read_only_the_live_keys() {
+    let (redis, server, _) = server_on_own_redis(true).await;
+    let mut c = server.keys();
+    let id = "acme-rotating".to_owned();
+    create_session(&mut c, &id, pb::Plan::Free, pb::Environment::Live).await;
+    for _ in 0..30 {
+        let (key, _) = create_key(&mut c, &id).await;
+        c.revoke_key(pb::RevokeKeyRequest {
+            key_id: key.key_id,
+            reason: String::new(),
+        })
+        .await
+        .expect("revoke");
+    }
+    let (_, secret) = create_key(&mut c, &id).await;
+    verify(&mut c, &secret).await;
+    let client = ::redis::Client::open(redis.server.url()).expect("url");
+    let mut conn = client.get_connection().expect("connect");
+
+    reset(&mut conn);
+    server
+        .usage()
+        .list_alerts(pb::ListAlertsRequest {
+            session_id: id.clone(),
+        })
+        .await
+        .expect("alerts");
+    let stats = commandstats(&mut conn);
+    println!("ListAlerts with 1 live key of 31: {stats:?}");
+    assert_eq!(
+        stats.get("hmget").copied(),
+        Some(1),
+        "one key record read: {stats:?}"
+    );
+}

@@ -468,6 +468,68 @@ async fn near_rate_limit_fires_at_eighty_percent_and_resolves_below_seventy(back
     assert!(firing(&server, &id).await.is_empty(), "below 70% resolves");
 }
 
+/// Alerts watch the keys that work now: an active key, and a rotated key still in its grace
+/// period; not a revoked key, nor an expired one, however busy they were.
+async fn alerts_watch_only_keys_that_work(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut c = server.keys();
+    let id = unique_session("live");
+    create_enterprise_session(&mut c, &id, 5).await;
+    let mut busy = Vec::new();
+    for expires in [None, None, None, Some(30)] {
+        let response = c
+            .create_key(pb::CreateKeyRequest {
+                session_id: id.clone(),
+                name: "busy".to_owned(),
+                expire_time: expires.map(|s| prost_types::Timestamp {
+                    seconds: T0 / 1000 + s,
+                    nanos: 0,
+                }),
+            })
+            .await
+            .expect("create key")
+            .into_inner();
+        // 5 of 5 per minute: each key is at its limit, past the 80% alert.
+        for _ in 0..5 {
+            verify(&mut c, &response.secret).await;
+        }
+        busy.push(response.key.expect("key").key_id);
+    }
+    let [plain, graced, revoked, expiring] = <[String; 4]>::try_from(busy).expect("four keys");
+    c.rotate_key(pb::RotateKeyRequest {
+        key_id: graced.clone(),
+        grace_period: Some(prost_types::Duration {
+            seconds: 3600,
+            nanos: 0,
+        }),
+    })
+    .await
+    .expect("rotate");
+    c.revoke_key(pb::RevokeKeyRequest {
+        key_id: revoked.clone(),
+        reason: String::new(),
+    })
+    .await
+    .expect("revoke");
+    // Still in the same window: the expiring key is past its expiry, its count unchanged.
+    server.clock.set(T0 + 31_000);
+    let mut near: Vec<String> = firing(&server, &id)
+        .await
+        .into_iter()
+        .map(|(kind, key, _)| {
+            assert_eq!(kind, NEAR);
+            key
+        })
+        .collect();
+    near.sort();
+    let mut expected = vec![plain, graced];
+    expected.sort();
+    assert_eq!(
+        near, expected,
+        "not {revoked} (revoked), not {expiring} (expired)"
+    );
+}
+
 async fn high_error_rate_needs_twenty_outcomes_and_ten_percent(backend: Backend) {
     let server = TestServer::start(backend).await;
     let mut c = server.keys();
@@ -708,6 +770,7 @@ for_all_stores!(
     usage_past_the_retention_reads_as_zero,
     rate_limit_status_reads_without_consuming,
     near_rate_limit_fires_at_eighty_percent_and_resolves_below_seventy,
+    alerts_watch_only_keys_that_work,
     high_error_rate_needs_twenty_outcomes_and_ten_percent,
     traffic_spike_compares_five_minutes_with_the_hour_before,
     watch_alerts_streams_firing_and_resolved,

@@ -13,7 +13,7 @@ use crate::domain::usage::{
     AlertKind, BASELINE_MINUTES, DayCounters, KeyActivity, MAX_CLOCK_SKEW_MS,
     MAX_OUTCOMES_PER_BATCH, Outcome, RECENT_MINUTES, Reading, evaluate, oldest_kept_day,
 };
-use crate::domain::{DomainError, KeyId, KeyRecord, KeyStatus, SessionId, UtcDate, Violations};
+use crate::domain::{DomainError, KeyId, KeyRecord, SessionId, UtcDate, Violations};
 use crate::store::{AlertChange, Store};
 
 /// Longest date range of a usage query, in days (inclusive of both ends).
@@ -310,12 +310,9 @@ impl<S: Store> UsageService<S> {
         let session = self.keys.get_session(session_id).await?;
         let now = self.keys.now();
         let limit = self.limit_of(&session);
-        let keys: Vec<KeyRecord> = self
-            .all_keys(session_id)
-            .await?
-            .into_iter()
-            .filter(|k| k.status_at(now) == KeyStatus::Active)
-            .collect();
+        let mut keys = self.keys.store().live_keys(session_id, now).await?;
+        // Readings in one order, whichever store answered.
+        keys.sort_by_key(|k| (k.create_ms, k.id));
         if keys.is_empty() {
             return Ok(Vec::new());
         }

@@ -269,6 +269,20 @@ impl KeyStore for MemoryStore {
             .collect())
     }
 
+    async fn live_keys(&self, session: &SessionId, now: Millis) -> StoreResult<Vec<KeyRecord>> {
+        let shard = self.shard(session.shard());
+        let Some(entry) = shard.sessions.get(session) else {
+            return Ok(Vec::new());
+        };
+        Ok(entry
+            .index
+            .iter()
+            .filter_map(|(_, id)| shard.keys.get(id))
+            .filter(|k| k.record.counts_toward_limit(now))
+            .map(|k| k.record.clone())
+            .collect())
+    }
+
     async fn revoke_key(
         &self,
         id: &KeyId,

@@ -173,6 +173,15 @@ pub trait KeyStore: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = StoreResult<Vec<KeyRecord>>> + Send;
 
+    /// The session's keys that count toward its key limit at `now` (active and unexpired, a
+    /// rotated key in its grace period included), in no set order. Reads only those, however
+    /// many keys the session has had: what alert evaluation watches on every tick.
+    fn live_keys(
+        &self,
+        session: &SessionId,
+        now: Millis,
+    ) -> impl Future<Output = StoreResult<Vec<KeyRecord>>> + Send;
+
     /// Revokes an active key (a revoked key is returned unchanged). `None` if no such key in
     /// that session.
     fn revoke_key(

@@ -354,6 +354,31 @@ impl RedisStore {
             .collect())
     }
 
+    /// The records of `ids` (keys of one session, so one slot), in one pipelined round trip;
+    /// ids without a record are left out.
+    async fn records(&self, ids: &[KeyId], op: &'static str) -> StoreResult<Vec<KeyRecord>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names: Vec<String> = ids.iter().map(|id| self.keys.key(id)).collect();
+        let replies: Vec<Vec<Option<String>>> = self
+            .run(op, |mut c| async move {
+                let mut pipe = redis::pipe();
+                for name in &names {
+                    pipe.cmd("HMGET").arg(name).arg(&scripts::RECORD_FIELDS[..]);
+                }
+                pipe.query_async(&mut c).await
+            })
+            .await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, fields) in ids.iter().zip(replies) {
+            if let Some(record) = parse_record(*id, &fields)? {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
     /// The lane for an operation. The per-request operations (VerifyKey, RecordOutcomes) use
     /// the first half of the lanes ("hot"), everything else the other half, so a large
     /// management pipeline (a year of a big session's usage) never queues in front of a
@@ -836,27 +861,34 @@ impl KeyStore for RedisStore {
             .map(|m| parse_index_member(m).map(|(_, id)| id))
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| corrupt("key index"))?;
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        // One pipelined round trip for all records; they share the session's slot.
-        let names: Vec<String> = ids.iter().map(|id| self.keys.key(id)).collect();
-        let replies: Vec<Vec<Option<String>>> = self
-            .run("list_keys", |mut c| async move {
-                let mut pipe = redis::pipe();
-                for name in &names {
-                    pipe.cmd("HMGET").arg(name).arg(&scripts::RECORD_FIELDS[..]);
-                }
-                pipe.query_async(&mut c).await
+        self.records(&ids, "list_keys").await
+    }
+
+    async fn live_keys(&self, session: &SessionId, now: Millis) -> StoreResult<Vec<KeyRecord>> {
+        // The active set holds exactly these, scored by expiry (`+inf` for none): no need to
+        // read the session's whole key history.
+        let active = self.keys.active(session);
+        let members: Vec<String> = self
+            .run("live_keys", |mut c| async move {
+                redis::cmd("ZRANGE")
+                    .arg(&active)
+                    .arg(format!("({now}"))
+                    .arg("+inf")
+                    .arg("BYSCORE")
+                    .query_async(&mut c)
+                    .await
             })
             .await?;
-        let mut out = Vec::with_capacity(ids.len());
-        for (id, fields) in ids.into_iter().zip(replies) {
-            if let Some(record) = parse_record(id, &fields)? {
-                out.push(record);
-            }
-        }
-        Ok(out)
+        let ids = members
+            .iter()
+            .map(|m| KeyId::parse(m))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| corrupt("active key set"))?;
+        let records = self.records(&ids, "live_keys").await?;
+        Ok(records
+            .into_iter()
+            .filter(|k| k.counts_toward_limit(now))
+            .collect())
     }
 
     async fn revoke_key(
