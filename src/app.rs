@@ -383,12 +383,21 @@ pub async fn shutdown_signal() {
 /// Warns when a Redis node may evict: a full Redis with any `maxmemory-policy` but
 /// `noeviction` deletes keys to make room, and here those are key records (a working key turns
 /// NOT_FOUND), session tables, rate-limit windows (a limit stops being exact), usage and audit
-/// history. Checked once, at startup, like Sidekiq's warning of the same kind.
+/// history. Checked once, when Redis first answers, like Sidekiq's warning of the same kind.
 async fn warn_if_redis_evicts(store: &RedisStore) {
     match store.eviction_policies().await {
         Ok(policies) => {
+            let unread = policies.iter().filter(|p| p.is_none()).count();
+            if unread > 0 {
+                tracing::info!(
+                    nodes = unread,
+                    "could not read the maxmemory-policy of some Redis nodes (INFO memory); \
+                     noeviction is recommended"
+                );
+            }
             let evicting: std::collections::BTreeSet<&str> = policies
                 .iter()
+                .flatten()
                 .map(String::as_str)
                 .filter(|p| *p != "noeviction")
                 .collect();
@@ -534,16 +543,27 @@ pub async fn run(args: ServeArgs, tracing_exported: bool) -> Result<(), AppError
         timeout: args.redis_timeout,
     };
     let store = RedisStore::new(&redis).map_err(|e| AppError::Config(e.message))?;
+    let store = Arc::new(store);
     match store.warm_up().await {
         Ok(()) => warn_if_redis_evicts(&store).await,
-        Err(err) => tracing::warn!(
-            error = %err,
-            "Redis not reachable yet; will keep trying (NOT_SERVING until then)"
-        ),
+        Err(err) => {
+            tracing::warn!(
+                error = %err,
+                "Redis not reachable yet; will keep trying (NOT_SERVING until then)"
+            );
+            // The eviction check waits for Redis, so a Redis started after us is checked too.
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                while store.ping().await.is_err() {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                warn_if_redis_evicts(&store).await;
+            });
+        }
     }
     tracing::info!(store = %store.describe(), "using Redis");
     run_with(
-        Arc::new(store),
+        store,
         KeyHasher::new(&pepper),
         settings,
         &args,

@@ -163,6 +163,23 @@ async fn a_full_redis_still_revokes_and_adds_nothing(urls: Vec<String>, cluster:
         .expect("a full Redis still revokes")
         .into_inner();
     assert_eq!(revoked.status, pb::KeyStatus::Revoked as i32);
+    // Revoking it again changes nothing, so nothing more is written past the limit: its audit
+    // entry ("already revoked") is refused like any other.
+    c.revoke_key(pb::RevokeKeyRequest {
+        key_id: leaked.key_id.clone(),
+        reason: "again".to_owned(),
+    })
+    .await
+    .expect("revoking a revoked key answers");
+    // Alerts with no state to change answer.
+    let alerts = usage
+        .list_alerts(pb::ListAlertsRequest {
+            session_id: id.clone(),
+        })
+        .await
+        .expect("ListAlerts on a full Redis")
+        .into_inner();
+    assert!(alerts.alerts.is_empty(), "{alerts:?}");
     assert_eq!(
         stored_names(&urls, &server.prefix),
         names_before,
@@ -216,6 +233,19 @@ async fn a_full_redis_still_revokes_and_adds_nothing(urls: Vec<String>, cluster:
         .expect("session")
         .into_inner();
     assert_eq!(session.active_keys, 1);
+    // The refused RecordOutcomes counted nothing.
+    let counted = usage
+        .get_key_usage(pb::GetKeyUsageRequest {
+            key_id: kept.key_id.clone(),
+            start_date: "2026-03-02".to_owned(),
+            end_date: "2026-03-02".to_owned(),
+        })
+        .await
+        .expect("usage")
+        .into_inner()
+        .total
+        .expect("totals");
+    assert_eq!((counted.successes, counted.errors), (0, 0), "{counted:?}");
     // The revocation is in the audit log; the refused calls' entries were refused with them.
     let events = c
         .list_audit_events(pb::ListAuditEventsRequest {
@@ -259,7 +289,7 @@ async fn every_nodes_eviction_policy_is_read(urls: Vec<String>, cluster: bool) {
     })
     .expect("store");
     let policies = store.eviction_policies().await.expect("policies");
-    assert_eq!(policies, vec!["noeviction"; urls.len()]);
+    assert_eq!(policies, vec![Some("noeviction".to_owned()); urls.len()]);
     let mut conn = ::redis::Client::open(urls[urls.len() - 1].as_str())
         .expect("url")
         .get_connection()
@@ -272,8 +302,8 @@ async fn every_nodes_eviction_policy_is_read(urls: Vec<String>, cluster: bool) {
         .expect("config set");
     let mut policies = store.eviction_policies().await.expect("policies");
     policies.sort();
-    let mut expected = vec!["noeviction"; urls.len() - 1];
-    expected.push("volatile-lru");
+    let mut expected = vec![Some("noeviction".to_owned()); urls.len() - 1];
+    expected.push(Some("volatile-lru".to_owned()));
     assert_eq!(policies, expected);
 }
 

@@ -425,11 +425,12 @@ fn batch_histogram(admin: &str) -> (u64, u64) {
 }
 
 /// A Redis that may delete data when full (any `maxmemory-policy` but `noeviction`) is named in
-/// a startup warning; one that never does is not.
+/// a startup warning; one that never does is not; one that comes up after the service is
+/// checked when it does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_may_evict_is_warned_about_at_startup() {
     const WARNING: &str = "set maxmemory-policy noeviction";
-    let redis = common::redis::DedicatedRedis::start();
+    let mut redis = common::redis::DedicatedRedis::start();
     let url = redis.server.url();
     let calm = start(&[("REDIS_URL", url.as_str())]);
     let logs = calm.logs();
@@ -459,6 +460,25 @@ async fn a_redis_that_may_evict_is_warned_about_at_startup() {
         warning.contains("\"maxmemory_policy\":\"allkeys-lru\""),
         "{warning}"
     );
+    drop(evicting);
+
+    redis.kill();
+    let early = start(&[("REDIS_URL", url.as_str())]);
+    assert!(early.logs().contains("Redis not reachable yet"));
+    assert!(!early.logs().contains(WARNING));
+    redis.restart_with(&["--maxmemory-policy", "volatile-ttl"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !early
+        .logs()
+        .contains("\"maxmemory_policy\":\"volatile-ttl\"")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no warning once Redis came up: {}",
+            early.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// Operators can see batching at work: `/metrics` counts every VERIFY script call and the

@@ -57,14 +57,6 @@ pub struct AuditEntry {
     pub detail: String,
 }
 
-impl AuditEntry {
-    /// Whether this records a key actually revoked: kept even where a store is out of room
-    /// (a full Redis), like the revocation itself, so the audit log never misses one.
-    pub fn records_a_revocation(&self) -> bool {
-        self.action == AuditAction::RevokeKey.name() && self.result == "OK"
-    }
-}
-
 /// A stored entry with its id (`<ms>-<seq>`, ordered within a session).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuditEvent {

@@ -172,6 +172,23 @@ impl<S: Store> KeyService<S> {
         result: &Result<T>,
         detail: String,
     ) {
+        self.record_entry(actor, action, session_id, key_id, result, detail, false)
+            .await;
+    }
+
+    /// [`Self::record`], with `essential` for the record of a key actually revoked, which a
+    /// store keeps even when it is out of room (`AuditStore::append_audit`).
+    #[allow(clippy::too_many_arguments)]
+    async fn record_entry<T>(
+        &self,
+        actor: &Actor,
+        action: AuditAction,
+        session_id: &SessionId,
+        key_id: Option<KeyId>,
+        result: &Result<T>,
+        detail: String,
+        essential: bool,
+    ) {
         // Requests refused for their form change nothing and only add noise to the log. A
         // session that does not exist has no log: nobody could read one (ListAuditEvents needs
         // the session), and each unknown id would start a new one.
@@ -200,7 +217,7 @@ impl<S: Store> KeyService<S> {
             detail,
         };
         let retention = i64::from(self.settings.audit_retention_days) * MILLIS_PER_DAY;
-        if let Err(err) = self.store.append_audit(&entry, retention).await {
+        if let Err(err) = self.store.append_audit(&entry, retention, essential).await {
             metrics::counter!("sendable_keys_audit_write_failures_total").increment(1);
             tracing::error!(
                 error = %err,
@@ -496,18 +513,20 @@ impl<S: Store> KeyService<S> {
             .await
             .map_err(Error::from)
             .and_then(|k| k.ok_or_else(|| key_not_found(id)));
+        let revoked_now = matches!(&result, Ok(k) if k.revoke_ms != key.revoke_ms);
         let detail = match &result {
-            Ok(k) if k.revoke_ms != key.revoke_ms => format!("reason={reason:?}"),
+            Ok(_) if revoked_now => format!("reason={reason:?}"),
             Ok(_) => format!("already revoked; reason={reason:?} ignored"),
             Err(_) => format!("reason={reason:?}"),
         };
-        self.record(
+        self.record_entry(
             actor,
             AuditAction::RevokeKey,
             &key.session_id,
             Some(*id),
             &result,
             detail,
+            revoked_now,
         )
         .await;
         result

@@ -527,7 +527,12 @@ impl UsageStore for MemoryStore {
 }
 
 impl AuditStore for MemoryStore {
-    async fn append_audit(&self, entry: &AuditEntry, retention_ms: Millis) -> StoreResult<String> {
+    async fn append_audit(
+        &self,
+        entry: &AuditEntry,
+        retention_ms: Millis,
+        _essential: bool,
+    ) -> StoreResult<String> {
         let mut all = self.audit.lock().unwrap_or_else(PoisonError::into_inner);
         let log = all.entry(entry.session_id.clone()).or_default();
         let ms = u64::try_from(entry.time_ms).unwrap_or(0);

@@ -174,8 +174,9 @@ pub trait KeyStore: Send + Sync + 'static {
     ) -> impl Future<Output = StoreResult<Vec<KeyRecord>>> + Send;
 
     /// The session's keys that count toward its key limit at `now` (active and unexpired, a
-    /// rotated key in its grace period included), in no set order. Reads only those, however
-    /// many keys the session has had: what alert evaluation watches on every tick.
+    /// rotated key in its grace period included), in no set order: what alert evaluation
+    /// watches on every tick. Redis reads only those records (from the session's active set),
+    /// however many keys the session has had; the in-memory store filters its index.
     fn live_keys(
         &self,
         session: &SessionId,
@@ -271,11 +272,14 @@ pub trait UsageStore: Send + Sync + 'static {
 
 pub trait AuditStore: Send + Sync + 'static {
     /// Appends an entry to its session's log and drops entries older than `retention_ms`;
-    /// returns the new event's id.
+    /// returns the new event's id. An `essential` entry (the record of a key actually revoked)
+    /// is written even where the store is out of room (a full Redis), like the revocation
+    /// itself; others are refused there with the call they record.
     fn append_audit(
         &self,
         entry: &AuditEntry,
         retention_ms: Millis,
+        essential: bool,
     ) -> impl Future<Output = StoreResult<String>> + Send;
 
     /// Up to `limit` events of the session, newest first, strictly older than `before`

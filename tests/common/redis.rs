@@ -144,8 +144,13 @@ impl DedicatedRedis {
     /// Starts a fresh, empty standalone server on the same port (not for cluster nodes, whose
     /// identity lives in a nodes.conf that a restart does not keep).
     pub fn restart(&mut self) {
+        self.restart_with(&[]);
+    }
+
+    /// [`DedicatedRedis::restart`] with `extra` redis-server arguments.
+    pub fn restart_with(&mut self, extra: &[&str]) {
         self.kill();
-        let (server, child) = start_server_on(Some(self.server.port), &[]);
+        let (server, child) = start_server_on(Some(self.server.port), extra);
         self.server = server;
         self.child = Some(child);
     }

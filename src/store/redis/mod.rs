@@ -338,20 +338,17 @@ impl RedisStore {
             .map_err(|e| store_error(&e))
     }
 
-    /// The `maxmemory-policy` of every node that answered (each master of a Cluster), read from
-    /// `INFO memory`, which managed Redis services answer even where they disable `CONFIG`.
-    /// Anything but `noeviction` lets a full Redis delete this service's data to make room
-    /// (`app` warns at startup).
-    pub async fn eviction_policies(&self) -> StoreResult<Vec<String>> {
+    /// The `maxmemory-policy` of every node (each master of a Cluster; `None` for one whose
+    /// reply had none, e.g. an error), read from `INFO memory`, which managed Redis services
+    /// answer even where they disable `CONFIG`. Anything but `noeviction` lets a full Redis
+    /// delete this service's data to make room (`app` warns at startup).
+    pub async fn eviction_policies(&self) -> StoreResult<Vec<Option<String>>> {
         let reply: Value = self
             .run("eviction_policy", |mut c| async move {
                 redis::cmd("INFO").arg("memory").query_async(&mut c).await
             })
             .await?;
-        Ok(info_replies(&reply)
-            .into_iter()
-            .filter_map(|text| maxmemory_policy(&text).map(str::to_owned))
-            .collect())
+        Ok(eviction_policies_in(&reply))
     }
 
     /// The records of `ids` (keys of one session, so one slot), in one pipelined round trip;
@@ -669,15 +666,28 @@ fn parse_window(packed: Option<&str>) -> StoreResult<WindowState> {
 }
 
 /// The texts of an `INFO` reply: one from a server, or one per node from a Cluster (which
-/// answers a map of node address to reply; a node's error is left out).
-fn info_replies(value: &Value) -> Vec<String> {
+/// answers a map of node address to reply); `None` for a node that answered something else
+/// (its error).
+fn info_replies(value: &Value) -> Vec<Option<String>> {
     match value {
         Value::Map(nodes) => nodes.iter().flat_map(|(_, v)| info_replies(v)).collect(),
-        Value::BulkString(bytes) => vec![String::from_utf8_lossy(bytes).into_owned()],
-        Value::VerbatimString { text, .. } => vec![text.clone()],
-        Value::SimpleString(text) => vec![text.clone()],
-        _ => Vec::new(),
+        Value::BulkString(bytes) => vec![Some(String::from_utf8_lossy(bytes).into_owned())],
+        Value::VerbatimString { text, .. } => vec![Some(text.clone())],
+        Value::SimpleString(text) => vec![Some(text.clone())],
+        _ => vec![None],
     }
+}
+
+/// Each node's `maxmemory_policy` in an `INFO memory` reply.
+fn eviction_policies_in(reply: &Value) -> Vec<Option<String>> {
+    info_replies(reply)
+        .into_iter()
+        .map(|text| {
+            text.as_deref()
+                .and_then(maxmemory_policy)
+                .map(str::to_owned)
+        })
+        .collect()
 }
 
 /// The value of `maxmemory_policy` in an `INFO memory` text.
@@ -1369,18 +1379,19 @@ impl UsageStore for RedisStore {
 const ALERT_STATE_TTL_SECS: i64 = 30 * 86_400;
 
 impl AuditStore for RedisStore {
-    async fn append_audit(&self, entry: &AuditEntry, retention_ms: Millis) -> StoreResult<String> {
+    async fn append_audit(
+        &self,
+        entry: &AuditEntry,
+        retention_ms: Millis,
+        essential: bool,
+    ) -> StoreResult<String> {
         let name = self.keys.audit(&entry.session_id);
         let key_id = entry.key_id.map(|k| k.to_string()).unwrap_or_default();
         self.run("append_audit", |mut c| async move {
             scripts::APPEND_AUDIT
                 .key(&name)
                 .arg(retention_ms.max(1))
-                .arg(if entry.records_a_revocation() {
-                    "1"
-                } else {
-                    "0"
-                })
+                .arg(if essential { "1" } else { "0" })
                 .arg("t")
                 .arg(entry.time_ms)
                 .arg("c")
@@ -1492,13 +1503,9 @@ mod tests {
             format!("# Memory\r\nused_memory:1000\r\nmaxmemory:0\r\nmaxmemory_policy:{policy}\r\n")
         };
         let standalone = Value::BulkString(info("allkeys-lru").into_bytes());
-        let texts = info_replies(&standalone);
         assert_eq!(
-            texts
-                .iter()
-                .filter_map(|t| maxmemory_policy(t))
-                .collect::<Vec<_>>(),
-            ["allkeys-lru"]
+            eviction_policies_in(&standalone),
+            [Some("allkeys-lru".to_owned())]
         );
         let cluster = Value::Map(vec![
             (
@@ -1512,15 +1519,16 @@ mod tests {
                 Value::BulkString(b"10.0.0.2:6379".to_vec()),
                 Value::BulkString(info("volatile-ttl").into_bytes()),
             ),
+            // A node's error: the test cannot build a `ServerError`, any other value does.
             (Value::BulkString(b"10.0.0.3:6379".to_vec()), Value::Nil),
         ]);
-        let texts = info_replies(&cluster);
         assert_eq!(
-            texts
-                .iter()
-                .filter_map(|t| maxmemory_policy(t))
-                .collect::<Vec<_>>(),
-            ["noeviction", "volatile-ttl"]
+            eviction_policies_in(&cluster),
+            [
+                Some("noeviction".to_owned()),
+                Some("volatile-ttl".to_owned()),
+                None
+            ]
         );
         assert_eq!(maxmemory_policy("# Memory\r\nused_memory:1\r\n"), None);
     }

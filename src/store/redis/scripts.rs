@@ -331,7 +331,8 @@ return redis.call('HMGET', KEYS[1], 's', 'e', 'n', 'st', 'ct', 'lu', 'x', 'rt', 
 /// With a grace period the old key stays in the active set until it expires (its score
 /// becomes its new expiry), so it keeps counting while it works; the new key may take the
 /// session one over its limit (a session at its limit can still rotate), never further.
-/// Revoking the old key at once swaps the two and is never refused.
+/// Revoking the old key at once swaps the two and is never refused for the key limit. A full
+/// Redis refuses either kind whole: the new record is the first write.
 ///
 /// The same call sent twice (a cluster client's resend after a dropped connection) finds the
 /// old key replaced by this call's new key, whose hash only this call knows, and answers as
