@@ -611,6 +611,29 @@ async fn traffic_spike_compares_five_minutes_with_the_hour_before(backend: Backe
     assert!(firing(&server, &id).await.is_empty());
 }
 
+/// A key that did not exist when the spike baseline began (a new key, or a rotation's
+/// replacement taking over its predecessor's traffic) has no hour to compare with: no spike.
+/// A key that did, silent through it, does spike.
+async fn a_key_newer_than_the_baseline_has_no_spike(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut c = server.keys();
+    let id = unique_session("young");
+    create_enterprise_session(&mut c, &id, 100_000).await;
+    let (old, old_secret) = create_key(&mut c, &id).await;
+    server.clock.set(T0 + 30 * MINUTE);
+    let (_, young_secret) = create_key(&mut c, &id).await;
+    // Minutes 65-69: 30 a minute each, 150 recent requests against a silent hour (30x the
+    // 1/min floor). At minute 69 the baseline began at minute 5: the old key was there.
+    for minute in 65..70 {
+        server.clock.set(T0 + minute * MINUTE);
+        for _ in 0..30 {
+            verify(&mut c, &old_secret).await;
+            verify(&mut c, &young_secret).await;
+        }
+    }
+    assert_eq!(firing(&server, &id).await, [(SPIKE, old.key_id.clone(), 30.0)]);
+}
+
 async fn watch_alerts_streams_firing_and_resolved(backend: Backend) {
     let server = TestServer::start(backend).await;
     let mut c = server.keys();
@@ -773,6 +796,7 @@ for_all_stores!(
     alerts_watch_only_keys_that_work,
     high_error_rate_needs_twenty_outcomes_and_ten_percent,
     traffic_spike_compares_five_minutes_with_the_hour_before,
+    a_key_newer_than_the_baseline_has_no_spike,
     watch_alerts_streams_firing_and_resolved,
     bad_usage_requests_name_their_fields,
 );

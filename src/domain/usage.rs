@@ -426,6 +426,16 @@ pub struct KeyActivity {
     /// Outcomes and failed outcomes in the last [`RECENT_MINUTES`] minutes.
     pub recent_outcomes: u64,
     pub recent_errors: u64,
+    /// The key did not exist yet when the baseline began ([`baseline_start`]): with no hour
+    /// of its own to compare with, a new key (a rotation's replacement included) taking its
+    /// traffic is not a spike, so TRAFFIC_SPIKE is not judged.
+    pub no_baseline: bool,
+}
+
+/// When the traffic-spike baseline of an evaluation at `now` begins: the start of the minute
+/// [`RECENT_MINUTES`] + [`BASELINE_MINUTES`] - 1 minutes before the current one.
+pub fn baseline_start(now: Millis) -> Millis {
+    (minute_of(now) - (RECENT_MINUTES + BASELINE_MINUTES) as i64 + 1) * MILLIS_PER_MINUTE
 }
 
 impl KeyActivity {
@@ -444,6 +454,7 @@ impl KeyActivity {
                 .sum(),
             recent_outcomes: recent.iter().map(|m| m.outcomes).sum(),
             recent_errors: recent.iter().map(|m| m.errors).sum(),
+            no_baseline: false,
         }
     }
 
@@ -477,18 +488,21 @@ pub struct Reading {
 /// - HIGH_ERROR_RATE fires at `error_rate >= fire` with at least `min_outcomes` outcomes;
 ///   resolves below `resolve`, or when fewer than half the minimum remain (too little to judge).
 /// - TRAFFIC_SPIKE fires at `spike_factor >= fire` with at least `min_requests` recent
-///   requests; resolves below `resolve`, or below half the minimum.
+///   requests; resolves below `resolve`, or below half the minimum; never for a key with no
+///   baseline yet (`KeyActivity::no_baseline`).
 pub fn evaluate(
     activity: &KeyActivity,
     thresholds: &AlertThresholds,
     was_firing: impl Fn(AlertKind) -> bool,
 ) -> [Reading; 3] {
     let decide = |kind: AlertKind, value: f64, levels: Hysteresis, count: u64, min: u64| {
-        let firing = if was_firing(kind) {
-            value >= levels.resolve && count * 2 >= min
-        } else {
-            value >= levels.fire && count >= min
-        };
+        let judged = kind != AlertKind::TrafficSpike || !activity.no_baseline;
+        let firing = judged
+            && if was_firing(kind) {
+                value >= levels.resolve && count * 2 >= min
+            } else {
+                value >= levels.fire && count >= min
+            };
         Reading {
             kind,
             value,
@@ -686,6 +700,23 @@ mod tests {
             spike(100, 0, false),
             "from silence: baseline floored at 1/min"
         );
+        let new_key = KeyActivity {
+            recent_requests: 10_000,
+            no_baseline: true,
+            ..Default::default()
+        };
+        assert!(
+            !evaluate(&new_key, &t, |_| false)[0].firing,
+            "a key with no baseline has no spike"
+        );
+    }
+
+    #[test]
+    fn the_baseline_begins_sixty_four_minutes_before_the_current_minute() {
+        let minute = MILLIS_PER_MINUTE;
+        let now = 1_000 * minute + 59_999;
+        assert_eq!(baseline_start(now), 936 * minute);
+        assert_eq!(baseline_start(1_000 * minute), 936 * minute);
     }
 
     #[test]

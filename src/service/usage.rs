@@ -11,7 +11,8 @@ use crate::domain::ratelimit;
 use crate::domain::time::Millis;
 use crate::domain::usage::{
     AlertKind, BASELINE_MINUTES, DayCounters, KeyActivity, MAX_CLOCK_SKEW_MS,
-    MAX_OUTCOMES_PER_BATCH, Outcome, RECENT_MINUTES, Reading, evaluate, oldest_kept_day,
+    MAX_OUTCOMES_PER_BATCH, Outcome, RECENT_MINUTES, Reading, baseline_start, evaluate,
+    oldest_kept_day,
 };
 use crate::domain::{DomainError, KeyId, KeyRecord, SessionId, UtcDate, Violations};
 use crate::store::{AlertChange, Store};
@@ -328,7 +329,10 @@ impl<S: Store> UsageService<S> {
         for (key, recent) in keys.iter().zip(activity) {
             let (used, _, _) = ratelimit::peek(recent.window, now, limit);
             let used_fraction = ratelimit::used_fraction(recent.window, now, limit);
-            let measured = KeyActivity::from_minutes(used_fraction, &recent.minutes);
+            let measured = KeyActivity {
+                no_baseline: key.create_ms > baseline_start(now),
+                ..KeyActivity::from_minutes(used_fraction, &recent.minutes)
+            };
             let firing: HashMap<AlertKind, Millis> = recent.firing.iter().copied().collect();
             for reading in evaluate(&measured, thresholds, |kind| firing.contains_key(&kind)) {
                 let was = firing.get(&reading.kind).copied();
