@@ -178,6 +178,13 @@ async fn free_plan_allows_three_active_keys(backend: Backend) {
         .expect_err("fourth key on Free");
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert_eq!(reason(&err), "KEY_LIMIT_REACHED");
+    // The message says what to do.
+    assert!(
+        err.message()
+            .contains("revoke a key or move the session to a larger plan"),
+        "{}",
+        err.message()
+    );
     assert_eq!(
         c.get_session(pb::GetSessionRequest {
             session_id: id.clone()

@@ -631,7 +631,10 @@ async fn a_key_newer_than_the_baseline_has_no_spike(backend: Backend) {
             verify(&mut c, &young_secret).await;
         }
     }
-    assert_eq!(firing(&server, &id).await, [(SPIKE, old.key_id.clone(), 30.0)]);
+    assert_eq!(
+        firing(&server, &id).await,
+        [(SPIKE, old.key_id.clone(), 30.0)]
+    );
 }
 
 async fn watch_alerts_streams_firing_and_resolved(backend: Backend) {

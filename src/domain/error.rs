@@ -77,7 +77,7 @@ pub enum DomainError {
             ", plus the one a rotation may add while the old key's grace period runs; revoke a \
              key (such as one still in its grace period), or rotate with grace_period 0"
         } else {
-            ""
+            "; revoke a key or move the session to a larger plan"
         }
     )]
     KeyLimitReached {
