@@ -242,8 +242,19 @@ async fn verifications_of_different_minutes_in_one_flush_answer_for_their_own(ba
         custom_rate_limit: Some(7),
         ..common::session_record("minutes", Plan::Enterprise)
     };
-    assert!(redis.create_session(&session).await.expect("session"));
-    assert!(memory.create_session(&session).await.expect("session"));
+    let created = common::audit_entry(&session, "CreateSession", None);
+    assert!(
+        redis
+            .create_session(&session, common::audit(&created))
+            .await
+            .expect("session")
+    );
+    assert!(
+        memory
+            .create_session(&session, common::audit(&created))
+            .await
+            .expect("session")
+    );
     let mut rng = rand::rng();
     let mut keys = Vec::new();
     for _ in 0..12 {
@@ -253,9 +264,14 @@ async fn verifications_of_different_minutes_in_one_flush_answer_for_their_own(ba
             hash,
             hash_version: HASH_VERSION,
         };
+        let entry = common::audit_entry(&session, "CreateKey", Some(record.id));
         for inserted in [
-            redis.insert_key(new, [0; 4], T0).await,
-            memory.insert_key(new, [0; 4], T0).await,
+            redis
+                .insert_key(new, [0; 4], T0, common::audit(&entry))
+                .await,
+            memory
+                .insert_key(new, [0; 4], T0, common::audit(&entry))
+                .await,
         ] {
             assert!(
                 matches!(inserted, Ok(InsertKey::Created { .. })),

@@ -3,14 +3,18 @@
 //! RotateKey script can run twice for one call. The second run must answer as the first did:
 //! a "key id taken" would make the service mint a second key (the first one, whose secret
 //! nobody got, would hold a slot of the key limit), and an "already rotated" would lose the new
-//! key, whose secret the caller never sees, and with no grace period the old key too. Every
-//! store answers a replay the same way, so this runs on all three.
+//! key, whose secret the caller never sees, and with no grace period the old key too. A resent
+//! CreateSession must not answer "already exists" to the call that created it. Each change's
+//! audit entry is written with it, so a replay adds none. Every store answers a replay the
+//! same way, so this runs on all three.
 
 mod common;
 
 use common::{Backend, T0, redis_config, unique_prefix};
 use rand::RngCore;
-use sendable_keys::domain::{HASH_VERSION, KeyHash, KeyRecord, KeyState, Plan, SessionRecord};
+use sendable_keys::domain::{
+    HASH_VERSION, KeyHash, KeyId, KeyRecord, KeyState, Plan, SessionRecord,
+};
 use sendable_keys::store::memory::MemoryStore;
 use sendable_keys::store::redis::RedisStore;
 use sendable_keys::store::{InsertKey, NewKey, RotateKey, Store};
@@ -41,14 +45,41 @@ async fn active_keys(store: &impl Store, session: &SessionRecord) -> u32 {
 
 async fn replays_answer_as_the_first_call_did(store: &impl Store) {
     let session = common::session_record("replay", Plan::Free);
-    assert!(store.create_session(&session).await.expect("session"));
+    // CreateSession, twice: created both times (its own session, to the millisecond).
+    let created = common::audit_entry(&session, "CreateSession", None);
+    for attempt in ["first", "resent"] {
+        assert!(
+            store
+                .create_session(&session, common::audit(&created))
+                .await
+                .expect("session"),
+            "{attempt}"
+        );
+    }
+    // Another session under the same id is refused.
+    let other = SessionRecord {
+        create_ms: T0 + 1,
+        ..session.clone()
+    };
+    assert!(
+        !store
+            .create_session(&other, common::audit(&created))
+            .await
+            .expect("session")
+    );
     let mut rng = rand::rng();
 
     // CreateKey, twice: created both times, one key.
     let (a, a_hash) = new_record(&session, &mut rng);
+    let a_created = common::audit_entry(&session, "CreateKey", Some(a.id));
     for attempt in ["first", "resent"] {
         let inserted = store
-            .insert_key(new_key(&a, a_hash), PLAN_MAX_KEYS, T0)
+            .insert_key(
+                new_key(&a, a_hash),
+                PLAN_MAX_KEYS,
+                T0,
+                common::audit(&a_created),
+            )
             .await
             .expect("insert");
         assert!(
@@ -60,7 +91,12 @@ async fn replays_answer_as_the_first_call_did(store: &impl Store) {
     // The same id with another hash is another key: still refused.
     let (_, other_hash) = new_record(&session, &mut rng);
     let taken = store
-        .insert_key(new_key(&a, other_hash), PLAN_MAX_KEYS, T0)
+        .insert_key(
+            new_key(&a, other_hash),
+            PLAN_MAX_KEYS,
+            T0,
+            common::audit(&a_created),
+        )
         .await
         .expect("insert");
     assert!(matches!(taken, InsertKey::KeyIdTaken), "{taken:?}");
@@ -69,6 +105,7 @@ async fn replays_answer_as_the_first_call_did(store: &impl Store) {
     let (mut b, b_hash) = new_record(&session, &mut rng);
     b.create_ms = T0 + 1;
     let grace_end = T0 + 3_600_000;
+    let a_rotated = common::audit_entry(&session, "RotateKey", Some(a.id));
     let mut answers = Vec::new();
     for _ in 0..2 {
         match store
@@ -78,6 +115,7 @@ async fn replays_answer_as_the_first_call_did(store: &impl Store) {
                 Some(grace_end),
                 PLAN_MAX_KEYS,
                 T0 + 1,
+                common::audit(&a_rotated),
             )
             .await
             .expect("rotate")
@@ -99,16 +137,31 @@ async fn replays_answer_as_the_first_call_did(store: &impl Store) {
     // Another rotation of the same key is still refused.
     let (c, c_hash) = new_record(&session, &mut rng);
     let again = store
-        .rotate_key(&a.id, new_key(&c, c_hash), None, PLAN_MAX_KEYS, T0 + 2)
+        .rotate_key(
+            &a.id,
+            new_key(&c, c_hash),
+            None,
+            PLAN_MAX_KEYS,
+            T0 + 2,
+            common::audit(&a_rotated),
+        )
         .await
         .expect("rotate");
     assert!(matches!(again, RotateKey::AlreadyRotated), "{again:?}");
 
     // RotateKey revoking at once, twice: the second run finds the old key revoked by the
     // first and still answers success, with the new key.
+    let b_rotated = common::audit_entry(&session, "RotateKey", Some(b.id));
     for attempt in ["first", "resent"] {
         match store
-            .rotate_key(&b.id, new_key(&c, c_hash), None, PLAN_MAX_KEYS, T0 + 3)
+            .rotate_key(
+                &b.id,
+                new_key(&c, c_hash),
+                None,
+                PLAN_MAX_KEYS,
+                T0 + 3,
+                common::audit(&b_rotated),
+            )
             .await
             .expect("rotate")
         {
@@ -123,6 +176,24 @@ async fn replays_answer_as_the_first_call_did(store: &impl Store) {
         active_keys(store, &session).await,
         2,
         "a, in its grace, and c"
+    );
+    // Each change is in the audit log once: a resent one wrote nothing, its entry included,
+    // and the refused ones none.
+    let logged: Vec<(String, Option<KeyId>)> = store
+        .list_audit(&session.id, None, 20)
+        .await
+        .expect("audit")
+        .into_iter()
+        .map(|e| (e.entry.action, e.entry.key_id))
+        .collect();
+    assert_eq!(
+        logged,
+        [
+            ("RotateKey".to_owned(), Some(b.id)),
+            ("RotateKey".to_owned(), Some(a.id)),
+            ("CreateKey".to_owned(), Some(a.id)),
+            ("CreateSession".to_owned(), None),
+        ]
     );
 }
 

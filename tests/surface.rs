@@ -422,6 +422,80 @@ async fn redis_connections_that_went_silent_are_replaced() {
 /// another client, `CLIENT PAUSE` during a failover): VerifyKey calls in flight wait and then
 /// answer; none fails and no connection is replaced, so a hiccup costs latency, never errors
 /// or a reconnect storm.
+/// A change whose reply is lost (the connection dies between the script and its answer) still
+/// happened, and its audit entry with it: the entry is written by the change's own script,
+/// never by a second call that a lost connection, or a crash, could keep from running. The
+/// caller saw the call fail, which the log also records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_whose_reply_is_lost_is_still_in_the_audit_log() {
+    let (_redis, relay, server, id, secret) = server_behind_a_relay("lost-reply").await;
+    let mut c = server.keys();
+    let listed = |c: &mut pb::key_service_client::KeyServiceClient<_>| {
+        let mut c = c.clone();
+        let id = id.clone();
+        async move {
+            c.list_keys(pb::ListKeysRequest {
+                session_id: id,
+                page_size: 10,
+                page_token: String::new(),
+            })
+            .await
+            .expect("list")
+            .into_inner()
+            .keys
+        }
+    };
+    let before: Vec<String> = listed(&mut c).await.into_iter().map(|k| k.key_id).collect();
+
+    // The next script call (CreateKey's, after its session read) runs; its reply is lost.
+    relay.freeze_replies_after("EVALSHA");
+    let err = c
+        .create_key(pb::CreateKeyRequest {
+            session_id: id.clone(),
+            name: "reply lost".to_owned(),
+            expire_time: None,
+        })
+        .await
+        .expect_err("no reply came back");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    // The key was created all the same (Redis ran the script)...
+    let created: Vec<String> = listed(&mut c)
+        .await
+        .into_iter()
+        .map(|k| k.key_id)
+        .filter(|k| !before.contains(k))
+        .collect();
+    assert_eq!(created.len(), 1, "the script ran: {created:?}");
+    // ...and is on record, as is the failure the caller saw.
+    let events = c
+        .list_audit_events(pb::ListAuditEventsRequest {
+            session_id: id.clone(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await
+        .expect("audit")
+        .into_inner()
+        .events;
+    let logged: Vec<(&str, &str, &str)> = events
+        .iter()
+        .take(2)
+        .map(|e| (e.action.as_str(), e.result.as_str(), e.key_id.as_str()))
+        .collect();
+    assert_eq!(
+        logged,
+        [
+            ("CreateKey", "UNAVAILABLE", ""),
+            ("CreateKey", "OK", created[0].as_str()),
+        ]
+    );
+    assert_eq!(
+        decision(&verify(&mut c, &secret).await),
+        pb::Decision::Valid
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_stall_shorter_than_the_timeout_costs_latency_only() {
     let (redis, relay, server, _, secret) = server_behind_a_relay("stall").await;

@@ -15,7 +15,9 @@ use crate::domain::{
     IssuedKey, KeyHasher, KeyId, KeyRecord, KeyState, KeyStatus, Millis, Plan, PlanTable, Resource,
     SessionId, SessionPatch, SessionRecord, VerifyOutcome, Violations,
 };
-use crate::store::{InsertKey, KeyCursor, NewKey, ReplaceSession, RotateKey, Store, VerifyRequest};
+use crate::store::{
+    Audit, InsertKey, KeyCursor, NewKey, ReplaceSession, RotateKey, Store, VerifyRequest,
+};
 
 /// Highest `cost` of one VerifyKey call.
 pub const MAX_COST: u32 = 1_000_000;
@@ -161,25 +163,39 @@ impl<S: Store> KeyService<S> {
         Ok(())
     }
 
-    /// Appends an audit entry for a management call. A failure to write it is logged, not
-    /// returned: the change itself has happened (or failed) and the caller must learn that.
-    async fn record<T>(
+    /// The audit entry of a change by `actor`, result `OK`, stamped now.
+    fn change_entry(
         &self,
         actor: &Actor,
         action: AuditAction,
         session_id: &SessionId,
         key_id: Option<KeyId>,
-        result: &Result<T>,
         detail: String,
-    ) {
-        self.record_entry(actor, action, session_id, key_id, result, detail, false)
-            .await;
+    ) -> AuditEntry {
+        AuditEntry {
+            time_ms: self.now(),
+            actor: actor.name().to_owned(),
+            action: action.name().to_owned(),
+            session_id: session_id.clone(),
+            key_id,
+            result: "OK".to_owned(),
+            detail,
+        }
     }
 
-    /// [`Self::record`], with `essential` for the record of a key actually revoked, which a
-    /// store keeps even when it is out of room (`AuditStore::append_audit`).
-    #[allow(clippy::too_many_arguments)]
-    async fn record_entry<T>(
+    /// `entry` with the log's retention: what a change hands its store call, which writes
+    /// the entry with the change, atomically.
+    fn audit<'a>(&self, entry: &'a AuditEntry) -> Audit<'a> {
+        Audit {
+            entry,
+            retention_ms: i64::from(self.settings.audit_retention_days) * MILLIS_PER_DAY,
+        }
+    }
+
+    /// Appends the audit entry of a management call that changed nothing: refused, failed,
+    /// or a repeat (a change's own entry is written by the store with the change). A failure
+    /// to write it is logged, not returned: the caller must learn how its call ended.
+    async fn record_unchanged<T>(
         &self,
         actor: &Actor,
         action: AuditAction,
@@ -187,7 +203,6 @@ impl<S: Store> KeyService<S> {
         key_id: Option<KeyId>,
         result: &Result<T>,
         detail: String,
-        essential: bool,
     ) {
         // Requests refused for their form change nothing and only add noise to the log. A
         // session that does not exist has no log: nobody could read one (ListAuditEvents needs
@@ -205,19 +220,13 @@ impl<S: Store> KeyService<S> {
             return;
         }
         let entry = AuditEntry {
-            time_ms: self.now(),
-            actor: actor.name().to_owned(),
-            action: action.name().to_owned(),
-            session_id: session_id.clone(),
-            key_id,
             result: result
                 .as_ref()
                 .map_or_else(Error::code_name, |_| "OK")
                 .to_owned(),
-            detail,
+            ..self.change_entry(actor, action, session_id, key_id, detail)
         };
-        let retention = i64::from(self.settings.audit_retention_days) * MILLIS_PER_DAY;
-        if let Err(err) = self.store.append_audit(&entry, retention, essential).await {
+        if let Err(err) = self.store.append_audit(self.audit(&entry)).await {
             metrics::counter!("sendable_keys_audit_write_failures_total").increment(1);
             tracing::error!(
                 error = %err,
@@ -237,20 +246,27 @@ impl<S: Store> KeyService<S> {
             custom(new.custom_rate_limit).map_or("-".to_owned(), |v| v.to_string()),
             custom(new.custom_max_keys).map_or("-".to_owned(), |v| v.to_string()),
         );
-        let result = self.create_session_inner(new).await;
-        self.record(
-            actor,
-            AuditAction::CreateSession,
-            &id,
-            None,
-            &result,
-            detail,
-        )
-        .await;
+        let entry = self.change_entry(actor, AuditAction::CreateSession, &id, None, detail);
+        let result = self.create_session_inner(new, &entry).await;
+        if result.is_err() {
+            self.record_unchanged(
+                actor,
+                AuditAction::CreateSession,
+                &id,
+                None,
+                &result,
+                entry.detail,
+            )
+            .await;
+        }
         result
     }
 
-    async fn create_session_inner(&self, new: NewSession) -> Result<SessionRecord> {
+    async fn create_session_inner(
+        &self,
+        new: NewSession,
+        entry: &AuditEntry,
+    ) -> Result<SessionRecord> {
         let (rate, max) = (custom(new.custom_rate_limit), custom(new.custom_max_keys));
         let mut violations = Violations::new();
         check_custom_limits(&mut violations, rate, max);
@@ -269,7 +285,11 @@ impl<S: Store> KeyService<S> {
             active_keys: 0,
         };
         self.check_effective(&record)?;
-        if !self.store.create_session(&record).await? {
+        if !self
+            .store
+            .create_session(&record, self.audit(entry))
+            .await?
+        {
             return Err(DomainError::AlreadyExists {
                 resource: Resource::Session,
                 id: record.id.to_string(),
@@ -299,29 +319,42 @@ impl<S: Store> KeyService<S> {
             ..patch
         };
         let requested = describe_patch(&patch);
-        let result = self.update_session_inner(id, patch).await;
-        let detail = match &result {
-            Ok(s) => format!(
-                "{requested}; now plan={} enabled={} custom_rate_limit_per_minute={} custom_max_keys={}",
-                s.plan,
-                s.enabled,
-                s.custom_rate_limit
-                    .map_or("-".to_owned(), |v| v.to_string()),
-                s.custom_max_keys.map_or("-".to_owned(), |v| v.to_string()),
-            ),
-            Err(_) => requested,
-        };
-        self.record(actor, AuditAction::UpdateSession, id, None, &result, detail)
+        let result = self
+            .update_session_inner(actor, id, patch, &requested)
             .await;
-        result
+        match &result {
+            // Stored with its entry.
+            Ok((_, true)) => {}
+            // An empty patch: nothing to store, but the call is on record.
+            Ok((s, false)) => {
+                let detail = updated_detail(&requested, s);
+                self.record_unchanged(actor, AuditAction::UpdateSession, id, None, &result, detail)
+                    .await;
+            }
+            Err(_) => {
+                self.record_unchanged(
+                    actor,
+                    AuditAction::UpdateSession,
+                    id,
+                    None,
+                    &result,
+                    requested,
+                )
+                .await;
+            }
+        }
+        result.map(|(session, _)| session)
     }
 
-    /// Applies `patch` with compare-and-set, retrying if another update lands in between.
+    /// Applies `patch` with compare-and-set, retrying if another update lands in between;
+    /// the session and whether anything was stored (with its audit entry).
     async fn update_session_inner(
         &self,
+        actor: &Actor,
         id: &SessionId,
         patch: SessionPatch,
-    ) -> Result<SessionRecord> {
+        requested: &str,
+    ) -> Result<(SessionRecord, bool)> {
         let mut violations = Violations::new();
         check_custom_limits(
             &mut violations,
@@ -332,16 +365,28 @@ impl<S: Store> KeyService<S> {
         for _ in 0..UPDATE_ATTEMPTS {
             let current = self.get_session(id).await?;
             if patch == SessionPatch::default() {
-                return Ok(current);
+                return Ok((current, false));
             }
             let next = patch.apply(&current, self.now().max(current.update_ms));
             self.check_effective(&next)?;
-            match self.store.replace_session(&next, current.version).await? {
+            let entry = self.change_entry(
+                actor,
+                AuditAction::UpdateSession,
+                id,
+                None,
+                updated_detail(requested, &next),
+            );
+            match self
+                .store
+                .replace_session(&next, current.version, self.audit(&entry))
+                .await?
+            {
                 ReplaceSession::Replaced => {
-                    return Ok(SessionRecord {
+                    let updated = SessionRecord {
                         active_keys: current.active_keys,
                         ..next
-                    });
+                    };
+                    return Ok((updated, true));
                 }
                 ReplaceSession::NotFound => return Err(session_not_found(id)),
                 ReplaceSession::VersionConflict => continue,
@@ -361,33 +406,27 @@ impl<S: Store> KeyService<S> {
         name: &str,
         expire_ms: Option<Millis>,
     ) -> Result<(KeyRecord, IssuedKey)> {
-        let result = self.create_key_inner(session_id, name, expire_ms).await;
-        let (key_id, detail) = match &result {
-            Ok((key, _)) => (
-                Some(key.id),
-                format!(
-                    "created {} name={:?} expire_time={}",
-                    key.display_prefix(),
-                    key.name,
-                    key.expire_ms.map_or("never".to_owned(), rfc3339)
-                ),
-            ),
-            Err(_) => (None, format!("name={name:?}")),
-        };
-        self.record(
-            actor,
-            AuditAction::CreateKey,
-            session_id,
-            key_id,
-            &result,
-            detail,
-        )
-        .await;
+        let result = self
+            .create_key_inner(actor, session_id, name, expire_ms)
+            .await;
+        if result.is_err() {
+            let detail = format!("name={name:?}");
+            self.record_unchanged(
+                actor,
+                AuditAction::CreateKey,
+                session_id,
+                None,
+                &result,
+                detail,
+            )
+            .await;
+        }
         result
     }
 
     async fn create_key_inner(
         &self,
+        actor: &Actor,
         session_id: &SessionId,
         name: &str,
         expire_ms: Option<Millis>,
@@ -413,9 +452,22 @@ impl<S: Store> KeyService<S> {
                 hash,
                 hash_version: HASH_VERSION,
             };
+            let detail = format!(
+                "created {} name={:?} expire_time={}",
+                record.display_prefix(),
+                record.name,
+                record.expire_ms.map_or("never".to_owned(), rfc3339)
+            );
+            let entry = self.change_entry(
+                actor,
+                AuditAction::CreateKey,
+                session_id,
+                Some(record.id),
+                detail,
+            );
             match self
                 .store
-                .insert_key(new, self.plans().max_keys(), now)
+                .insert_key(new, self.plans().max_keys(), now, self.audit(&entry))
                 .await?
             {
                 InsertKey::Created { .. } => return Ok((record, issued)),
@@ -507,28 +559,38 @@ impl<S: Store> KeyService<S> {
         check_text(&mut violations, "reason", reason, MAX_REVOKE_REASON_LEN);
         violations.check()?;
         let key = self.get_key(id).await?;
-        let result = self
-            .store
-            .revoke_key(id, &key.session_id, reason, self.now())
-            .await
-            .map_err(Error::from)
-            .and_then(|k| k.ok_or_else(|| key_not_found(id)));
-        let revoked_now = matches!(&result, Ok(k) if k.revoke_ms != key.revoke_ms);
-        let detail = match &result {
-            Ok(_) if revoked_now => format!("reason={reason:?}"),
-            Ok(_) => format!("already revoked; reason={reason:?} ignored"),
-            Err(_) => format!("reason={reason:?}"),
-        };
-        self.record_entry(
+        let now = self.now();
+        let entry = self.change_entry(
             actor,
             AuditAction::RevokeKey,
             &key.session_id,
             Some(*id),
-            &result,
-            detail,
-            revoked_now,
-        )
-        .await;
+            format!("reason={reason:?}"),
+        );
+        let result = self
+            .store
+            .revoke_key(id, &key.session_id, reason, now, self.audit(&entry))
+            .await
+            .map_err(Error::from)
+            .and_then(|k| k.ok_or_else(|| key_not_found(id)));
+        // Revoked by this call: its entry was written with the revocation.
+        let revoked_now =
+            matches!(&result, Ok(k) if k.revoke_ms == Some(now) && k.revoke_reason == reason);
+        if !revoked_now {
+            let detail = match &result {
+                Ok(_) => format!("already revoked; reason={reason:?} ignored"),
+                Err(_) => entry.detail,
+            };
+            self.record_unchanged(
+                actor,
+                AuditAction::RevokeKey,
+                &key.session_id,
+                Some(*id),
+                &result,
+                detail,
+            )
+            .await;
+        }
         result
     }
 
@@ -546,34 +608,24 @@ impl<S: Store> KeyService<S> {
             );
         }
         let old = self.get_key(id).await?;
-        let result = self.rotate_key_inner(&old, grace_ms).await;
-        let detail = match &result {
-            Ok((old, new, _)) => match old.expire_ms {
-                Some(x) if old.state == KeyState::Active => {
-                    format!(
-                        "replaced by {}; old key expires at {}",
-                        new.display_prefix(),
-                        rfc3339(x)
-                    )
-                }
-                _ => format!("replaced by {}; old key revoked", new.display_prefix()),
-            },
-            Err(_) => format!("grace_period_ms={grace_ms}"),
-        };
-        self.record(
-            actor,
-            AuditAction::RotateKey,
-            &old.session_id,
-            Some(*id),
-            &result,
-            detail,
-        )
-        .await;
+        let result = self.rotate_key_inner(actor, &old, grace_ms).await;
+        if result.is_err() {
+            self.record_unchanged(
+                actor,
+                AuditAction::RotateKey,
+                &old.session_id,
+                Some(*id),
+                &result,
+                format!("grace_period_ms={grace_ms}"),
+            )
+            .await;
+        }
         result
     }
 
     async fn rotate_key_inner(
         &self,
+        actor: &Actor,
         old: &KeyRecord,
         grace_ms: Millis,
     ) -> Result<(KeyRecord, KeyRecord, IssuedKey)> {
@@ -592,9 +644,33 @@ impl<S: Store> KeyService<S> {
                 hash,
                 hash_version: HASH_VERSION,
             };
+            // The old key's end as the store sets it: the grace period's, or its own if
+            // sooner.
+            let detail = match old_expires_at.map(|at| old.expire_ms.map_or(at, |x| x.min(at))) {
+                Some(x) => format!(
+                    "replaced by {}; old key expires at {}",
+                    record.display_prefix(),
+                    rfc3339(x)
+                ),
+                None => format!("replaced by {}; old key revoked", record.display_prefix()),
+            };
+            let entry = self.change_entry(
+                actor,
+                AuditAction::RotateKey,
+                &old.session_id,
+                Some(*id),
+                detail,
+            );
             match self
                 .store
-                .rotate_key(id, new, old_expires_at, self.plans().max_keys(), now)
+                .rotate_key(
+                    id,
+                    new,
+                    old_expires_at,
+                    self.plans().max_keys(),
+                    now,
+                    self.audit(&entry),
+                )
                 .await?
             {
                 RotateKey::Rotated { old, new } => return Ok((*old, *new, issued)),
@@ -693,6 +769,18 @@ impl<S: Store> KeyService<S> {
             malformed: None,
         })
     }
+}
+
+/// An UpdateSession entry's detail: what was asked, then the session as it now stands.
+fn updated_detail(requested: &str, s: &SessionRecord) -> String {
+    format!(
+        "{requested}; now plan={} enabled={} custom_rate_limit_per_minute={} custom_max_keys={}",
+        s.plan,
+        s.enabled,
+        s.custom_rate_limit
+            .map_or("-".to_owned(), |v| v.to_string()),
+        s.custom_max_keys.map_or("-".to_owned(), |v| v.to_string()),
+    )
 }
 
 fn describe_patch(patch: &SessionPatch) -> String {

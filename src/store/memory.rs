@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::{
-    AlertChange, AuditStore, InsertKey, KeyCursor, KeyStore, NewKey, RecentActivity,
+    AlertChange, Audit, AuditStore, InsertKey, KeyCursor, KeyStore, NewKey, RecentActivity,
     ReplaceSession, RotateKey, SessionStore, Store, StoreResult, UsageStore, VerifyRequest,
 };
 use crate::domain::audit::parse_event_id;
@@ -22,8 +22,8 @@ use crate::domain::usage::{
     oldest_kept_day, recent_minutes,
 };
 use crate::domain::{
-    AuditEntry, AuditEvent, Decision, KeyHash, KeyId, KeyRecord, KeyState, KeyStatus, Millis,
-    ROTATED_REASON, SessionId, SessionRecord, UtcDate, VerifyOutcome,
+    AuditEvent, Decision, KeyHash, KeyId, KeyRecord, KeyState, KeyStatus, Millis, ROTATED_REASON,
+    SessionId, SessionRecord, UtcDate, VerifyOutcome,
 };
 
 #[derive(Default)]
@@ -113,6 +113,36 @@ impl MemoryStore {
         }
     }
 
+    /// Appends to the entry's session log, trimming by age and count; returns the event id.
+    /// Called with a shard's lock held when it records a change (lock order: shard, then
+    /// audit), so the change and its entry are one step.
+    fn append(&self, audit: Audit<'_>) -> String {
+        let (entry, retention_ms) = (audit.entry, audit.retention_ms);
+        let mut all = self.audit.lock().unwrap_or_else(PoisonError::into_inner);
+        let log = all.entry(entry.session_id.clone()).or_default();
+        let ms = u64::try_from(entry.time_ms).unwrap_or(0);
+        log.last = if ms > log.last.0 {
+            (ms, 0)
+        } else {
+            (log.last.0, log.last.1 + 1)
+        };
+        let id = format!("{}-{}", log.last.0, log.last.1);
+        log.events.push_back(AuditEvent {
+            id: id.clone(),
+            entry: entry.clone(),
+        });
+        let oldest_kept = entry.time_ms - retention_ms;
+        while log
+            .events
+            .front()
+            .is_some_and(|e| e.entry.time_ms < oldest_kept)
+            || log.events.len() > MAX_AUDIT_EVENTS
+        {
+            log.events.pop_front();
+        }
+        id
+    }
+
     fn shard(&self, shard: u16) -> MutexGuard<'_, Shard> {
         // A panic while holding the lock cannot leave a half-applied change behind (every
         // mutation below completes before anything can fail), so a poisoned lock is safe to use.
@@ -156,11 +186,18 @@ impl Shard {
 }
 
 impl SessionStore for MemoryStore {
-    async fn create_session(&self, session: &SessionRecord) -> StoreResult<bool> {
+    async fn create_session(&self, session: &SessionRecord, audit: Audit<'_>) -> StoreResult<bool> {
         let mut shard = self.shard(session.id.shard());
-        if shard.sessions.contains_key(&session.id) {
-            return Ok(false);
+        if let Some(existing) = shard.sessions.get(&session.id) {
+            // Its own session again (as a Redis client's resend would be): already created.
+            let same = existing.record
+                == SessionRecord {
+                    active_keys: 0,
+                    ..session.clone()
+                };
+            return Ok(same);
         }
+        self.append(audit);
         shard.sessions.insert(
             session.id.clone(),
             SessionEntry {
@@ -186,6 +223,7 @@ impl SessionStore for MemoryStore {
         &self,
         session: &SessionRecord,
         expected_version: u64,
+        audit: Audit<'_>,
     ) -> StoreResult<ReplaceSession> {
         let mut shard = self.shard(session.id.shard());
         let Some(entry) = shard.sessions.get_mut(&session.id) else {
@@ -194,6 +232,7 @@ impl SessionStore for MemoryStore {
         if entry.record.version != expected_version {
             return Ok(ReplaceSession::VersionConflict);
         }
+        self.append(audit);
         entry.record = SessionRecord {
             active_keys: 0,
             ..session.clone()
@@ -208,6 +247,7 @@ impl KeyStore for MemoryStore {
         key: NewKey<'_>,
         plan_max_keys: [u32; 4],
         now: Millis,
+        audit: Audit<'_>,
     ) -> StoreResult<InsertKey> {
         let mut shard = self.shard(key.record.id.shard());
         if let Some(existing) = shard.keys.get(&key.record.id) {
@@ -236,6 +276,7 @@ impl KeyStore for MemoryStore {
             });
         }
         shard.insert_new(key);
+        self.append(audit);
         Ok(InsertKey::Created {
             active_keys: active + 1,
         })
@@ -289,6 +330,7 @@ impl KeyStore for MemoryStore {
         session: &SessionId,
         reason: &str,
         now: Millis,
+        audit: Audit<'_>,
     ) -> StoreResult<Option<KeyRecord>> {
         let mut shard = self.shard(id.shard());
         let Some(key) = shard.keys.get_mut(id) else {
@@ -302,6 +344,7 @@ impl KeyStore for MemoryStore {
             key.record.revoke_ms = Some(now);
             key.record.revoke_reason = reason.to_owned();
             key.alerts.clear();
+            self.append(audit);
         }
         Ok(Some(key.record.clone()))
     }
@@ -313,6 +356,7 @@ impl KeyStore for MemoryStore {
         old_expires_at: Option<Millis>,
         plan_max_keys: [u32; 4],
         now: Millis,
+        audit: Audit<'_>,
     ) -> StoreResult<RotateKey> {
         let mut shard = self.shard(old.shard());
         let Some(current) = shard.keys.get(old) else {
@@ -373,6 +417,7 @@ impl KeyStore for MemoryStore {
             }
             Some(at) => record.expire_ms = Some(record.expire_ms.map_or(at, |x| x.min(at))),
         }
+        self.append(audit);
         Ok(RotateKey::Rotated {
             old: Box::new(record.clone()),
             new: Box::new(new.record.clone()),
@@ -527,35 +572,8 @@ impl UsageStore for MemoryStore {
 }
 
 impl AuditStore for MemoryStore {
-    async fn append_audit(
-        &self,
-        entry: &AuditEntry,
-        retention_ms: Millis,
-        _essential: bool,
-    ) -> StoreResult<String> {
-        let mut all = self.audit.lock().unwrap_or_else(PoisonError::into_inner);
-        let log = all.entry(entry.session_id.clone()).or_default();
-        let ms = u64::try_from(entry.time_ms).unwrap_or(0);
-        log.last = if ms > log.last.0 {
-            (ms, 0)
-        } else {
-            (log.last.0, log.last.1 + 1)
-        };
-        let id = format!("{}-{}", log.last.0, log.last.1);
-        log.events.push_back(AuditEvent {
-            id: id.clone(),
-            entry: entry.clone(),
-        });
-        let oldest_kept = entry.time_ms - retention_ms;
-        while log
-            .events
-            .front()
-            .is_some_and(|e| e.entry.time_ms < oldest_kept)
-            || log.events.len() > MAX_AUDIT_EVENTS
-        {
-            log.events.pop_front();
-        }
-        Ok(id)
+    async fn append_audit(&self, audit: Audit<'_>) -> StoreResult<String> {
+        Ok(self.append(audit))
     }
 
     async fn list_audit(

@@ -8,6 +8,10 @@
 //! check-and-count) is one call here, so each adapter can make it atomic its own way (one
 //! mutex-guarded shard in memory, one Lua script on one hash slot in Redis). The caller passes
 //! `now` in, so tests can drive every time-dependent rule with a manual clock.
+//!
+//! A management change carries its audit entry ([`Audit`]), which the store writes in the
+//! same atomic step as the change, and only if the change happens: no change without its
+//! record, however the call ends (a dropped connection, a crash right after).
 
 use std::future::Future;
 
@@ -128,11 +132,21 @@ pub struct NewKey<'a> {
     pub hash_version: u8,
 }
 
+/// The audit entry of a management change, to be written with it (to the log of the entry's
+/// session), and how long the log keeps entries.
+#[derive(Clone, Copy, Debug)]
+pub struct Audit<'a> {
+    pub entry: &'a AuditEntry,
+    pub retention_ms: Millis,
+}
+
 pub trait SessionStore: Send + Sync + 'static {
-    /// Stores a new session; `Ok(false)` if the id is taken.
+    /// Stores a new session and its audit entry; `Ok(false)` (nothing written) if the id is
+    /// taken.
     fn create_session(
         &self,
         session: &SessionRecord,
+        audit: Audit<'_>,
     ) -> impl Future<Output = StoreResult<bool>> + Send;
 
     /// The session with `active_keys` counted at `now`.
@@ -142,11 +156,13 @@ pub trait SessionStore: Send + Sync + 'static {
         now: Millis,
     ) -> impl Future<Output = StoreResult<Option<SessionRecord>>> + Send;
 
-    /// Replaces the session if its stored version is still `expected_version`.
+    /// Replaces the session, and writes its audit entry, if its stored version is still
+    /// `expected_version`.
     fn replace_session(
         &self,
         session: &SessionRecord,
         expected_version: u64,
+        audit: Audit<'_>,
     ) -> impl Future<Output = StoreResult<ReplaceSession>> + Send;
 }
 
@@ -154,13 +170,14 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Stores a key if its session exists and, counting the keys that are active at `now`
     /// (keys in a rotation's grace period included), is below its key limit (custom value,
     /// else `plan_max_keys` by plan code; 0 = unlimited). Atomic with respect to concurrent
-    /// inserts. The same key again (same id and hash: a resent command) answers `Created`
-    /// and changes nothing.
+    /// inserts; the audit entry is written with the key. The same key again (same id and
+    /// hash: a resent command) answers `Created` and changes nothing, its entry included.
     fn insert_key(
         &self,
         key: NewKey<'_>,
         plan_max_keys: [u32; 4],
         now: Millis,
+        audit: Audit<'_>,
     ) -> impl Future<Output = StoreResult<InsertKey>> + Send;
 
     fn get_key(&self, id: &KeyId) -> impl Future<Output = StoreResult<Option<KeyRecord>>> + Send;
@@ -183,14 +200,16 @@ pub trait KeyStore: Send + Sync + 'static {
         now: Millis,
     ) -> impl Future<Output = StoreResult<Vec<KeyRecord>>> + Send;
 
-    /// Revokes an active key (a revoked key is returned unchanged). `None` if no such key in
-    /// that session.
+    /// Revokes an active key and writes the audit entry (a revoked key is returned unchanged,
+    /// nothing written). `None` if no such key in that session. Works on a full store (a
+    /// full Redis): a key can be revoked at any time, and its entry is kept.
     fn revoke_key(
         &self,
         id: &KeyId,
         session: &SessionId,
         reason: &str,
         now: Millis,
+        audit: Audit<'_>,
     ) -> impl Future<Output = StoreResult<Option<KeyRecord>>> + Send;
 
     /// Atomically: stores `new` and marks `old` as replaced by it; the old key then expires at
@@ -199,9 +218,11 @@ pub trait KeyStore: Send + Sync + 'static {
     /// rotation may take a session one key over its limit (so a session at its limit can
     /// rotate without downtime) but no further: with `old_expires_at` set, the rotation is
     /// refused (`LimitReached`) when the keys counting now, the old one included, already
-    /// exceed the limit. A rotation that revokes the old key at once is never refused. The
-    /// same rotation again (the old key already replaced by this `new`, same hash) answers
-    /// `Rotated` with the records as they are and changes nothing.
+    /// exceed the limit. A rotation that revokes the old key at once is never refused for the
+    /// limit. The audit entry is written with the rotation. The same rotation again (the old
+    /// key already replaced by this `new`, same hash) answers `Rotated` with the records as
+    /// they are and changes nothing.
+    #[allow(clippy::too_many_arguments)]
     fn rotate_key(
         &self,
         old: &KeyId,
@@ -209,6 +230,7 @@ pub trait KeyStore: Send + Sync + 'static {
         old_expires_at: Option<Millis>,
         plan_max_keys: [u32; 4],
         now: Millis,
+        audit: Audit<'_>,
     ) -> impl Future<Output = StoreResult<RotateKey>> + Send;
 
     /// The VerifyKey check, atomically: find the key, compare the hash, check status, expiry,
@@ -271,16 +293,10 @@ pub trait UsageStore: Send + Sync + 'static {
 }
 
 pub trait AuditStore: Send + Sync + 'static {
-    /// Appends an entry to its session's log and drops entries older than `retention_ms`;
-    /// returns the new event's id. An `essential` entry (the record of a key actually revoked)
-    /// is written even where the store is out of room (a full Redis), like the revocation
-    /// itself; others are refused there with the call they record.
-    fn append_audit(
-        &self,
-        entry: &AuditEntry,
-        retention_ms: Millis,
-        essential: bool,
-    ) -> impl Future<Output = StoreResult<String>> + Send;
+    /// Appends an entry to its session's log and drops entries older than its retention;
+    /// returns the new event's id. For what changed nothing (a refused or failed call, a
+    /// repeated revocation): a change's own entry goes with the change.
+    fn append_audit(&self, audit: Audit<'_>) -> impl Future<Output = StoreResult<String>> + Send;
 
     /// Up to `limit` events of the session, newest first, strictly older than `before`
     /// (an event id's (ms, seq) pair).

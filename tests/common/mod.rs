@@ -481,6 +481,32 @@ pub fn session_record(label: &str, plan: sendable_keys::domain::Plan) -> Session
     }
 }
 
+/// The audit entry of a change to `session` (at [`T0`], by `store-test`), for tests that
+/// call a store's changes directly; [`audit`] hands it over.
+pub fn audit_entry(
+    session: &SessionRecord,
+    action: &str,
+    key_id: Option<KeyId>,
+) -> sendable_keys::domain::AuditEntry {
+    sendable_keys::domain::AuditEntry {
+        time_ms: T0,
+        actor: "store-test".to_owned(),
+        action: action.to_owned(),
+        session_id: session.id.clone(),
+        key_id,
+        result: "OK".to_owned(),
+        detail: String::new(),
+    }
+}
+
+/// `entry` with a 90-day retention, as a store's change takes it.
+pub fn audit(entry: &sendable_keys::domain::AuditEntry) -> sendable_keys::store::Audit<'_> {
+    sendable_keys::store::Audit {
+        entry,
+        retention_ms: 90 * 86_400_000,
+    }
+}
+
 /// A new active key record of `session` (an id in its shard, created at [`T0`]) with a
 /// random hash, for tests that insert keys into a store directly.
 pub fn key_record(

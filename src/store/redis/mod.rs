@@ -42,7 +42,7 @@ use redis::{
 
 use self::keys::{Keys, index_member, parse_index_member};
 use super::{
-    AlertChange, AuditStore, InsertKey, KeyCursor, KeyStore, NewKey, RecentActivity,
+    AlertChange, Audit, AuditStore, InsertKey, KeyCursor, KeyStore, NewKey, RecentActivity,
     ReplaceSession, RotateKey, SessionStore, Store, StoreError, StoreResult, UsageStore,
     VerifyRequest,
 };
@@ -697,6 +697,25 @@ fn maxmemory_policy(info: &str) -> Option<&str> {
         .map(str::trim)
 }
 
+/// Appends an audit entry's ARGV to a script call: the retention (ms), then the field/value
+/// pairs [`scripts::AUDIT_LUA`] reads from the end of ARGV.
+fn audit_args(inv: &mut redis::ScriptInvocation<'_>, audit: Audit<'_>) {
+    let entry = audit.entry;
+    inv.arg(audit.retention_ms.max(1))
+        .arg("t")
+        .arg(entry.time_ms)
+        .arg("c")
+        .arg(&entry.actor)
+        .arg("a")
+        .arg(&entry.action)
+        .arg("k")
+        .arg(entry.key_id.map(|k| k.to_string()).unwrap_or_default())
+        .arg("r")
+        .arg(&entry.result)
+        .arg("d")
+        .arg(&entry.detail);
+}
+
 /// Decodes a script reply array of (possibly nil) bulk strings.
 fn strings(value: &Value) -> StoreResult<Vec<Option<String>>> {
     let Value::Array(items) = value else {
@@ -720,18 +739,21 @@ fn int(value: Option<&Value>) -> StoreResult<i64> {
 }
 
 impl SessionStore for RedisStore {
-    async fn create_session(&self, session: &SessionRecord) -> StoreResult<bool> {
-        let table = self.keys.sessions(session.id.shard());
+    async fn create_session(&self, session: &SessionRecord, audit: Audit<'_>) -> StoreResult<bool> {
+        let names = [
+            self.keys.sessions(session.id.shard()),
+            self.keys.audit(&session.id),
+        ];
         let packed = pack_session(session);
-        self.run("create_session", |mut c| async move {
-            redis::cmd("HSETNX")
-                .arg(&table)
-                .arg(session.id.as_str())
-                .arg(&packed)
-                .query_async::<bool>(&mut c)
-                .await
-        })
-        .await
+        let created: i64 = self
+            .run("create_session", |mut c| async move {
+                let mut inv = scripts::CREATE_SESSION.prepare_invoke();
+                inv.key(&names[..]).arg(session.id.as_str()).arg(&packed);
+                audit_args(&mut inv, audit);
+                inv.invoke_async(&mut c).await
+            })
+            .await?;
+        Ok(created == 1)
     }
 
     async fn get_session(&self, id: &SessionId, now: Millis) -> StoreResult<Option<SessionRecord>> {
@@ -758,18 +780,22 @@ impl SessionStore for RedisStore {
         &self,
         session: &SessionRecord,
         expected_version: u64,
+        audit: Audit<'_>,
     ) -> StoreResult<ReplaceSession> {
-        let table = self.keys.sessions(session.id.shard());
+        let names = [
+            self.keys.sessions(session.id.shard()),
+            self.keys.audit(&session.id),
+        ];
         let packed = pack_session(session);
         let reply: i64 = self
             .run("replace_session", |mut c| async move {
-                scripts::REPLACE_SESSION
-                    .key(&table)
+                let mut inv = scripts::REPLACE_SESSION.prepare_invoke();
+                inv.key(&names[..])
                     .arg(session.id.as_str())
                     .arg(expected_version)
-                    .arg(&packed)
-                    .invoke_async(&mut c)
-                    .await
+                    .arg(&packed);
+                audit_args(&mut inv, audit);
+                inv.invoke_async(&mut c).await
             })
             .await?;
         Ok(match reply {
@@ -786,6 +812,7 @@ impl KeyStore for RedisStore {
         key: NewKey<'_>,
         plan_max_keys: [u32; 4],
         now: Millis,
+        audit: Audit<'_>,
     ) -> StoreResult<InsertKey> {
         let r = key.record;
         let names = [
@@ -793,6 +820,7 @@ impl KeyStore for RedisStore {
             self.keys.sessions(r.session_id.shard()),
             self.keys.index(&r.session_id),
             self.keys.active(&r.session_id),
+            self.keys.audit(&r.session_id),
         ];
         let reply: Vec<i64> = self
             .run("insert_key", |mut c| async move {
@@ -808,6 +836,7 @@ impl KeyStore for RedisStore {
                     .arg(r.expire_ms.map(|x| x.to_string()).unwrap_or_default())
                     .arg(index_member(r.create_ms, &r.id))
                     .arg(&plan_max_keys[..]);
+                audit_args(&mut inv, audit);
                 inv.invoke_async(&mut c).await
             })
             .await?;
@@ -907,22 +936,24 @@ impl KeyStore for RedisStore {
         session: &SessionId,
         reason: &str,
         now: Millis,
+        audit: Audit<'_>,
     ) -> StoreResult<Option<KeyRecord>> {
         let names = [
             self.keys.key(id),
             self.keys.active(session),
             self.keys.alerts(id),
+            self.keys.audit(session),
         ];
         let reply: Value = self
             .run("revoke_key", |mut c| async move {
-                scripts::REVOKE_KEY
-                    .key(&names[..])
+                let mut inv = scripts::REVOKE_KEY.prepare_invoke();
+                inv.key(&names[..])
                     .arg(now)
                     .arg(reason)
                     .arg(id.as_str())
-                    .arg(session.as_str())
-                    .invoke_async(&mut c)
-                    .await
+                    .arg(session.as_str());
+                audit_args(&mut inv, audit);
+                inv.invoke_async(&mut c).await
             })
             .await?;
         match reply {
@@ -938,6 +969,7 @@ impl KeyStore for RedisStore {
         old_expires_at: Option<Millis>,
         plan_max_keys: [u32; 4],
         now: Millis,
+        audit: Audit<'_>,
     ) -> StoreResult<RotateKey> {
         let r = new.record;
         let names = [
@@ -947,6 +979,7 @@ impl KeyStore for RedisStore {
             self.keys.active(&r.session_id),
             self.keys.alerts(old),
             self.keys.sessions(r.session_id.shard()),
+            self.keys.audit(&r.session_id),
         ];
         let reply: Vec<Value> = self
             .run("rotate_key", |mut c| async move {
@@ -964,6 +997,7 @@ impl KeyStore for RedisStore {
                     .arg(old_expires_at.map(|x| x.to_string()).unwrap_or_default())
                     .arg(ROTATED_REASON)
                     .arg(&plan_max_keys[..]);
+                audit_args(&mut inv, audit);
                 inv.invoke_async(&mut c).await
             })
             .await?;
@@ -1379,33 +1413,13 @@ impl UsageStore for RedisStore {
 const ALERT_STATE_TTL_SECS: i64 = 30 * 86_400;
 
 impl AuditStore for RedisStore {
-    async fn append_audit(
-        &self,
-        entry: &AuditEntry,
-        retention_ms: Millis,
-        essential: bool,
-    ) -> StoreResult<String> {
-        let name = self.keys.audit(&entry.session_id);
-        let key_id = entry.key_id.map(|k| k.to_string()).unwrap_or_default();
+    async fn append_audit(&self, audit: Audit<'_>) -> StoreResult<String> {
+        let name = self.keys.audit(&audit.entry.session_id);
         self.run("append_audit", |mut c| async move {
-            scripts::APPEND_AUDIT
-                .key(&name)
-                .arg(retention_ms.max(1))
-                .arg(if essential { "1" } else { "0" })
-                .arg("t")
-                .arg(entry.time_ms)
-                .arg("c")
-                .arg(&entry.actor)
-                .arg("a")
-                .arg(&entry.action)
-                .arg("k")
-                .arg(&key_id)
-                .arg("r")
-                .arg(&entry.result)
-                .arg("d")
-                .arg(&entry.detail)
-                .invoke_async(&mut c)
-                .await
+            let mut inv = scripts::APPEND_AUDIT.prepare_invoke();
+            inv.key(&name);
+            audit_args(&mut inv, audit);
+            inv.invoke_async(&mut c).await
         })
         .await
     }

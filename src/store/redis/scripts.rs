@@ -16,8 +16,12 @@
 //! write decides what a full Redis does: scripts that add records (CreateKey, RotateKey) and
 //! VerifyKey, which must count what it admits, write such a command first and are refused
 //! whole (`OOM`, a transient `UNAVAILABLE`, nothing written); RevokeKey writes a `ZREM` first
-//! and goes through, so a key can be revoked at any time, as the product promises, and its
-//! audit entry likewise (`XTRIM` first). `tests/full_redis.rs` holds this.
+//! and goes through, so a key can be revoked at any time, as the product promises, with its
+//! audit entry, which is written by the same script. `tests/full_redis.rs` holds this.
+//!
+//! Every management change writes its audit entry in its own script ([`AUDIT_LUA`]), so a
+//! change is never without its record, whatever happens to the connection or the service
+//! after it.
 //!
 //! `redis::Script` sends EVALSHA and falls back to loading the script on NOSCRIPT, so a Redis
 //! restart, a failover to a replica that never saw SCRIPT LOAD, or a SCRIPT FLUSH costs one
@@ -243,10 +247,11 @@ return accepted
 /// CreateKey: insert a key if its session is below its key limit.
 ///
 /// KEYS[1] new key record, KEYS[2] session table, KEYS[3] session index, KEYS[4] session
-/// active set.
+/// active set, KEYS[5] the session's audit stream.
 /// ARGV[1] now, ARGV[2] session id, ARGV[3] key id, ARGV[4] env code, ARGV[5] hash (version
 /// byte + 32 bytes), ARGV[6] name, ARGV[7] create ms, ARGV[8] expire ms ('' = never),
-/// ARGV[9] index member, ARGV[10..13] default key limit of plans 1..4 (0 = unlimited).
+/// ARGV[9] index member, ARGV[10..13] default key limit of plans 1..4 (0 = unlimited),
+/// ARGV[14..26] the audit entry ([`AUDIT_LUA`]), written with the key.
 ///
 /// Reply: `{1, active keys}` created; `{-1}` key id taken; `{-2}` no such session; `{-3}`
 /// environment differs from the session's; `{-4, max keys, plan}` limit reached.
@@ -258,7 +263,7 @@ return accepted
 /// dropped before the reply came back) is recognised by the stored hash, 178 random bits that
 /// only this call knows, and answered as created again: no second key, no key nobody got.
 pub static INSERT_KEY: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_audit(
         r#"
 local live = '(' .. ARGV[1]
 local h = redis.call('HGET', KEYS[1], 'h')
@@ -282,6 +287,7 @@ if ARGV[8] ~= '' then
 end
 redis.call('ZADD', KEYS[3], 0, ARGV[9])
 redis.call('ZADD', KEYS[4], score, ARGV[3])
+audit()
 return {1, n + 1}
 "#,
     )
@@ -289,16 +295,18 @@ return {1, n + 1}
 
 /// RevokeKey.
 ///
-/// KEYS[1] key record, KEYS[2] its session's active set, KEYS[3] its alert state.
-/// ARGV[1] now, ARGV[2] reason, ARGV[3] key id, ARGV[4] session id.
+/// KEYS[1] key record, KEYS[2] its session's active set, KEYS[3] its alert state, KEYS[4] the
+/// session's audit stream.
+/// ARGV[1] now, ARGV[2] reason, ARGV[3] key id, ARGV[4] session id, ARGV[5..17] the audit
+/// entry ([`AUDIT_LUA`]), written only if the key is revoked now.
 ///
 /// Reply: `0` if no such key in that session; else the record fields ([`RECORD_FIELDS`])
 /// after the change. Revoking a revoked key changes nothing (the first reason stays).
 ///
 /// Revocation works when Redis is full (see the module header on maxmemory): a leaked key can
-/// be revoked at any time, and stays revoked once Redis has room again.
+/// be revoked at any time, with its audit entry, and stays revoked once Redis has room again.
 pub static REVOKE_KEY: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_audit(
         r#"
 local cur = redis.call('HMGET', KEYS[1], 'st', 's')
 if not cur[2] or cur[2] ~= ARGV[4] then return 0 end
@@ -307,6 +315,7 @@ if cur[1] ~= 'r' then
   redis.call('ZREM', KEYS[2], ARGV[3])
   redis.call('HSET', KEYS[1], 'st', 'r', 'rt', ARGV[1], 'rr', ARGV[2])
   redis.call('DEL', KEYS[3])
+  audit()
 end
 return redis.call('HMGET', KEYS[1], 's', 'e', 'n', 'st', 'ct', 'lu', 'x', 'rt', 'rr', 'rb')
 "#,
@@ -316,12 +325,14 @@ return redis.call('HMGET', KEYS[1], 's', 'e', 'n', 'st', 'ct', 'lu', 'x', 'rt', 
 /// RotateKey: create the replacement and retire the old key, atomically.
 ///
 /// KEYS[1] old key record, KEYS[2] new key record, KEYS[3] session index, KEYS[4] session
-/// active set, KEYS[5] the old key's alert state, KEYS[6] the shard's session table.
+/// active set, KEYS[5] the old key's alert state, KEYS[6] the shard's session table, KEYS[7]
+/// the session's audit stream.
 /// ARGV[1] now, ARGV[2] old key id, ARGV[3] new key id, ARGV[4] session id, ARGV[5] env code,
 /// ARGV[6] new hash (version byte + 32 bytes), ARGV[7] name, ARGV[8] new expire ms ('' =
 /// never), ARGV[9] new index member, ARGV[10] old key's new expiry ('' = revoke now),
 /// ARGV[11] revoke reason used when revoking now, ARGV[12..15] default key limit of plans
-/// 1..4 (0 = unlimited).
+/// 1..4 (0 = unlimited), ARGV[16..28] the audit entry ([`AUDIT_LUA`]), written with the
+/// rotation.
 ///
 /// Reply: `{1, old fields, new fields}`; `{-1}` no such key in that session; `{-2}` old key
 /// not active; `{-3}` old key already rotated; `{-4}` new key id taken; `{-5, max keys,
@@ -338,7 +349,7 @@ return redis.call('HMGET', KEYS[1], 's', 'e', 'n', 'st', 'ct', 'lu', 'x', 'rt', 
 /// old key replaced by this call's new key, whose hash only this call knows, and answers as
 /// it did the first time instead of "already rotated", which would lose the new key.
 pub static ROTATE_KEY: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_audit(
         r#"
 local f = {'s', 'e', 'n', 'st', 'ct', 'lu', 'x', 'rt', 'rr', 'rb'}
 local o = redis.call('HMGET', KEYS[1], 'st', 's', 'x', 'rb')
@@ -378,49 +389,80 @@ else
   redis.call('HSET', KEYS[1], 'x', x, 'rb', ARGV[3])
   redis.call('ZADD', KEYS[4], x, ARGV[2])
 end
+audit()
 return {1, redis.call('HMGET', KEYS[1], unpack(f)), redis.call('HMGET', KEYS[2], unpack(f))}
 "#,
     )
 });
 
-/// UpdateSession: compare-and-set on the session's version.
+/// CreateSession: the session and its audit entry.
 ///
-/// KEYS[1] session table. ARGV[1] session id, ARGV[2] expected version, ARGV[3] new packed
-/// session.
+/// KEYS[1] session table, KEYS[2] the session's audit stream. ARGV[1] session id, ARGV[2]
+/// packed session, ARGV[3..15] the audit entry ([`AUDIT_LUA`]).
 ///
-/// Reply: `1` replaced, `0` no such session, `-1` version conflict.
-pub static REPLACE_SESSION: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+/// Reply: `1` created, `0` the id is taken. The same call sent twice (a cluster client's
+/// resend) finds its own session, packed to the millisecond, and answers `1` again, writing
+/// nothing: "already exists" would tell the caller its create failed.
+pub static CREATE_SESSION: LazyLock<Script> = LazyLock::new(|| {
+    with_audit(
         r#"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if not cur then return 0 end
-if string.match(cur, ':(%d+)$') ~= ARGV[2] then return -1 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+if cur then return cur == ARGV[2] and 1 or 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+audit()
 return 1
 "#,
     )
 });
 
-/// Audit log append with age-based trimming.
+/// UpdateSession: compare-and-set on the session's version, with the audit entry.
 ///
-/// KEYS[1] the session's audit stream. ARGV[1] retention (ms), ARGV[2] `1` to write the
-/// entry even when Redis is full (a revocation's: see the module header on maxmemory), then
-/// the entry's field/value pairs.
+/// KEYS[1] session table, KEYS[2] the session's audit stream. ARGV[1] session id, ARGV[2]
+/// expected version, ARGV[3] new packed session, ARGV[4..16] the audit entry
+/// ([`AUDIT_LUA`]).
 ///
-/// Reply: the new entry's id. Ids and trimming use the Redis server's clock (`TIME`), the same
-/// clock as the key's TTL, so "older than the retention" means one thing everywhere.
-pub static APPEND_AUDIT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+/// Reply: `1` replaced, `0` no such session, `-1` version conflict.
+pub static REPLACE_SESSION: LazyLock<Script> = LazyLock::new(|| {
+    with_audit(
         r#"
-local t = redis.call('TIME')
-local oldest = math.max(tonumber(t[1]) * 1000 - tonumber(ARGV[1]), 0)
--- Trimming is a write Redis never refuses; done first, the append after it is not refused.
-local first = ARGV[2] == '1'
-if first then redis.call('XTRIM', KEYS[1], 'MINID', '~', oldest) end
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
-if not first then redis.call('XTRIM', KEYS[1], 'MINID', '~', oldest) end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return id
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then return 0 end
+if string.match(cur, ':(%d+)$') ~= ARGV[2] then return -1 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+audit()
+return 1
 "#,
     )
 });
+
+/// An audit entry for what changed nothing (a refused or failed call, a repeated revocation);
+/// a change's own entry is written by the change's script.
+///
+/// KEYS[1] the session's audit stream. ARGV[1..13] the entry ([`AUDIT_LUA`]).
+///
+/// Reply: the new entry's id.
+pub static APPEND_AUDIT: LazyLock<Script> = LazyLock::new(|| with_audit("return audit()"));
+
+/// The Lua function `audit()` that the scripts above start with: it appends the entry in the
+/// last 13 ARGV (the log's retention in ms, then the field/value pairs `t` time, `c` caller,
+/// `a` action, `k` key id, `r` result, `d` detail) to the stream named by the last KEYS
+/// entry, drops entries older than the retention and renews the stream's TTL; it returns the
+/// new entry's id. A change and its entry are one script, so there is never one without the
+/// other. Ids and trimming use the Redis server's clock (`TIME`), the same clock as the
+/// stream's TTL, so "older than the retention" means one thing everywhere.
+pub const AUDIT_LUA: &str = r#"
+local function audit()
+  local stream, a = KEYS[#KEYS], #ARGV - 12
+  local t = redis.call('TIME')
+  local id = redis.call('XADD', stream, '*', unpack(ARGV, a + 1, a + 12))
+  local oldest = math.max(tonumber(t[1]) * 1000 - tonumber(ARGV[a]), 0)
+  redis.call('XTRIM', stream, 'MINID', '~', oldest)
+  redis.call('PEXPIRE', stream, ARGV[a])
+  return id
+end
+"#;
+
+/// A script whose `body` may call `audit()` ([`AUDIT_LUA`]).
+fn with_audit(body: &str) -> Script {
+    Script::new(&format!("{AUDIT_LUA}{body}"))
+}
