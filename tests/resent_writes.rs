@@ -4,7 +4,8 @@
 //! a "key id taken" would make the service mint a second key (the first one, whose secret
 //! nobody got, would hold a slot of the key limit), and an "already rotated" would lose the new
 //! key, whose secret the caller never sees, and with no grace period the old key too. A resent
-//! CreateSession must not answer "already exists" to the call that created it. Each change's
+//! CreateSession must not answer "already exists" to the call that created it, nor a resent
+//! UpdateSession "conflict" (the service would apply the patch again). Each change's
 //! audit entry is written with it, so a replay adds none. Every store answers a replay the
 //! same way, so this runs on all three.
 
@@ -17,7 +18,7 @@ use sendable_keys::domain::{
 };
 use sendable_keys::store::memory::MemoryStore;
 use sendable_keys::store::redis::RedisStore;
-use sendable_keys::store::{InsertKey, NewKey, RotateKey, Store};
+use sendable_keys::store::{InsertKey, NewKey, ReplaceSession, RotateKey, Store};
 
 /// Free: 3 keys.
 const PLAN_MAX_KEYS: [u32; 4] = [3, 10, 0, 0];
@@ -67,6 +68,44 @@ async fn replays_answer_as_the_first_call_did(store: &impl Store) {
             .await
             .expect("session")
     );
+
+    // UpdateSession, twice: replaced both times, one version later, once on record.
+    let updated = SessionRecord {
+        custom_rate_limit: Some(100),
+        update_ms: T0 + 1,
+        version: 2,
+        ..session.clone()
+    };
+    let update = common::audit_entry(&session, "UpdateSession", None);
+    for attempt in ["first", "resent"] {
+        let replaced = store
+            .replace_session(&updated, 1, common::audit(&update))
+            .await
+            .expect("replace");
+        assert!(
+            matches!(replaced, ReplaceSession::Replaced),
+            "{attempt}: {replaced:?}"
+        );
+    }
+    // Another update from the old version is a conflict.
+    let stale = SessionRecord {
+        custom_rate_limit: Some(200),
+        ..updated.clone()
+    };
+    let conflict = store
+        .replace_session(&stale, 1, common::audit(&update))
+        .await
+        .expect("replace");
+    assert!(
+        matches!(conflict, ReplaceSession::VersionConflict),
+        "{conflict:?}"
+    );
+    let stored = store
+        .get_session(&session.id, T0)
+        .await
+        .expect("get")
+        .expect("session");
+    assert_eq!((stored.version, stored.custom_rate_limit), (2, Some(100)));
     let mut rng = rand::rng();
 
     // CreateKey, twice: created both times, one key.
@@ -192,12 +231,13 @@ async fn replays_answer_as_the_first_call_did(store: &impl Store) {
             ("RotateKey".to_owned(), Some(b.id)),
             ("RotateKey".to_owned(), Some(a.id)),
             ("CreateKey".to_owned(), Some(a.id)),
+            ("UpdateSession".to_owned(), None),
             ("CreateSession".to_owned(), None),
         ]
     );
 }
 
-async fn a_resent_create_or_rotate_answers_as_the_first(backend: Backend) {
+async fn a_resent_change_answers_as_the_first(backend: Backend) {
     match backend {
         Backend::Memory => replays_answer_as_the_first_call_did(&MemoryStore::new()).await,
         Backend::Redis | Backend::Cluster => {
@@ -209,4 +249,4 @@ async fn a_resent_create_or_rotate_answers_as_the_first(backend: Backend) {
     }
 }
 
-for_all_stores!(a_resent_create_or_rotate_answers_as_the_first);
+for_all_stores!(a_resent_change_answers_as_the_first);

@@ -418,10 +418,6 @@ async fn redis_connections_that_went_silent_are_replaced() {
     server.wait_health("", ServingStatus::Serving).await;
 }
 
-/// Redis stalls for less than the store timeout (a fork for a snapshot, a slow command of
-/// another client, `CLIENT PAUSE` during a failover): VerifyKey calls in flight wait and then
-/// answer; none fails and no connection is replaced, so a hiccup costs latency, never errors
-/// or a reconnect storm.
 /// A change whose reply is lost (the connection dies between the script and its answer) still
 /// happened, and its audit entry with it: the entry is written by the change's own script,
 /// never by a second call that a lost connection, or a crash, could keep from running. The
@@ -496,6 +492,10 @@ async fn a_change_whose_reply_is_lost_is_still_in_the_audit_log() {
     );
 }
 
+/// Redis stalls for less than the store timeout (a fork for a snapshot, a slow command of
+/// another client, `CLIENT PAUSE` during a failover): VerifyKey calls in flight wait and then
+/// answer; none fails and no connection is replaced, so a hiccup costs latency, never errors
+/// or a reconnect storm.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_stall_shorter_than_the_timeout_costs_latency_only() {
     let (redis, relay, server, _, secret) = server_behind_a_relay("stall").await;

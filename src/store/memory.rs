@@ -229,14 +229,19 @@ impl SessionStore for MemoryStore {
         let Some(entry) = shard.sessions.get_mut(&session.id) else {
             return Ok(ReplaceSession::NotFound);
         };
+        let next = SessionRecord {
+            active_keys: 0,
+            ..session.clone()
+        };
+        // This very update again (as a Redis client's resend would be): already done.
+        if entry.record == next {
+            return Ok(ReplaceSession::Replaced);
+        }
         if entry.record.version != expected_version {
             return Ok(ReplaceSession::VersionConflict);
         }
         self.append(audit);
-        entry.record = SessionRecord {
-            active_keys: 0,
-            ..session.clone()
-        };
+        entry.record = next;
         Ok(ReplaceSession::Replaced)
     }
 }

@@ -142,7 +142,7 @@ pub struct Audit<'a> {
 
 pub trait SessionStore: Send + Sync + 'static {
     /// Stores a new session and its audit entry; `Ok(false)` (nothing written) if the id is
-    /// taken.
+    /// taken, except by this very record (a resent command): `Ok(true)`, nothing written.
     fn create_session(
         &self,
         session: &SessionRecord,
@@ -157,7 +157,8 @@ pub trait SessionStore: Send + Sync + 'static {
     ) -> impl Future<Output = StoreResult<Option<SessionRecord>>> + Send;
 
     /// Replaces the session, and writes its audit entry, if its stored version is still
-    /// `expected_version`.
+    /// `expected_version`. The stored session already equal to `session` (a resent command)
+    /// answers `Replaced` and writes nothing.
     fn replace_session(
         &self,
         session: &SessionRecord,

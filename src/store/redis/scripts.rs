@@ -421,12 +421,16 @@ return 1
 /// expected version, ARGV[3] new packed session, ARGV[4..16] the audit entry
 /// ([`AUDIT_LUA`]).
 ///
-/// Reply: `1` replaced, `0` no such session, `-1` version conflict.
+/// Reply: `1` replaced, `0` no such session, `-1` version conflict. The same call sent twice
+/// (a cluster client's resend) finds the session it stored, its version and update time
+/// included, and answers `1` again, writing nothing: a conflict would make the service apply
+/// the patch a second time, with a second audit entry.
 pub static REPLACE_SESSION: LazyLock<Script> = LazyLock::new(|| {
     with_audit(
         r#"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if not cur then return 0 end
+if cur == ARGV[3] then return 1 end
 if string.match(cur, ':(%d+)$') ~= ARGV[2] then return -1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 audit()
