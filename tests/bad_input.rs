@@ -1,11 +1,14 @@
 //! Bad input gets a clear error: INVALID_ARGUMENT with a BadRequest naming each field, or the
-//! MALFORMED decision for VerifyKey; oversized messages are refused; and nothing is written to
-//! the store by a refused request. Runs on every store.
+//! MALFORMED decision for VerifyKey; a body that is not the method's message is an
+//! INVALID_ARGUMENT too (not tonic's INTERNAL); oversized messages are refused with the
+//! service's ErrorInfo; and nothing is written to the store by a refused request. Runs on
+//! every store.
 
 mod common;
 
 use common::{
-    Backend, TestServer, bad_fields, create_key, create_session, decision, unique_session, verify,
+    Backend, TestServer, bad_fields, create_key, create_session, decision, reason, unique_session,
+    verify,
 };
 use sendable_keys::grpc::pb;
 use tonic::Code;
@@ -65,6 +68,7 @@ async fn oversized_messages_are_refused(backend: Backend) {
         .await
         .expect_err("1 MiB message");
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert_eq!(reason(&err), "MESSAGE_TOO_LARGE");
     let err = c
         .create_session(pb::CreateSessionRequest {
             session_id: "s".repeat(1 << 20),
@@ -75,6 +79,78 @@ async fn oversized_messages_are_refused(backend: Backend) {
         .await
         .expect_err("1 MiB session id");
     assert_eq!(err.code(), Code::OutOfRange);
+    assert_eq!(reason(&err), "MESSAGE_TOO_LARGE");
+    assert_eq!(server.redis_key_count(), 0);
+}
+
+/// A `VerifyKeyRequest` as a client with a broken encoder might send it: the key as raw bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawVerifyKeyRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    key: Vec<u8>,
+}
+
+/// A `RecordOutcomesRequest` whose outcomes carry their error code as raw bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawRecordOutcomesRequest {
+    #[prost(message, repeated, tag = "1")]
+    outcomes: Vec<RawOutcome>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawOutcome {
+    #[prost(string, tag = "1")]
+    key_id: String,
+    #[prost(bytes = "vec", tag = "3")]
+    error_code: Vec<u8>,
+}
+
+/// Sends `message` to `path` as if it were the method's own request.
+async fn send_raw<M: prost::Message + Default + Send + Sync + 'static>(
+    server: &TestServer,
+    path: &'static str,
+    message: M,
+) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(server.channel.clone());
+    grpc.ready().await.expect("ready");
+    grpc.unary::<M, pb::VerifyKeyResponse, _>(
+        tonic::Request::new(message),
+        http::uri::PathAndQuery::from_static(path),
+        tonic_prost::ProstCodec::default(),
+    )
+    .await
+    .expect_err("not the method's message")
+}
+
+/// Bytes that are not the method's message (a string field that is not UTF-8, here) are the
+/// caller's error: INVALID_ARGUMENT naming the field, from the request's top, not tonic's
+/// INTERNAL, which would say the server failed.
+async fn undecodable_requests_name_the_field_they_broke(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let err = send_raw(
+        &server,
+        "/sendable.keys.v1.KeyService/VerifyKey",
+        RawVerifyKeyRequest {
+            key: vec![b's', b'k', 0xff, 0xfe],
+        },
+    )
+    .await;
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(reason(&err), "INVALID_ARGUMENT");
+    assert_eq!(bad_fields(&err), ["key"]);
+    let err = send_raw(
+        &server,
+        "/sendable.keys.v1.UsageService/RecordOutcomes",
+        RawRecordOutcomesRequest {
+            outcomes: vec![RawOutcome {
+                key_id: "AbCd1234".to_owned(),
+                error_code: vec![0xc3, 0x28],
+            }],
+        },
+    )
+    .await;
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(bad_fields(&err), ["outcomes.error_code"]);
     assert_eq!(server.redis_key_count(), 0);
 }
 
@@ -320,6 +396,7 @@ async fn key_parameters_are_checked(backend: Backend) {
 for_all_stores!(
     garbage_keys_are_malformed_without_a_store_lookup,
     oversized_messages_are_refused,
+    undecodable_requests_name_the_field_they_broke,
     unknown_enum_values_and_bad_ids_name_their_fields,
     paging_parameters_are_checked,
     key_parameters_are_checked,

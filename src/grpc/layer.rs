@@ -3,8 +3,9 @@
 //! the handlers (for the audit log), opens the request's tracing span (continuing a W3C
 //! `traceparent` from the metadata when OTLP export is on), and records the request metrics
 //! (`sendable_keys_grpc_requests_total{method,code,caller}` and the latency histogram
-//! `sendable_keys_grpc_request_duration_seconds{method}`). Handlers keep none of this
-//! bookkeeping.
+//! `sendable_keys_grpc_request_duration_seconds{method}`). It also puts tonic's own refusals
+//! (a body that is not the method's message, one over the size limit) in the service's error
+//! model ([`super::status::from_transport_refusal`]). Handlers keep none of this bookkeeping.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,7 +21,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-use super::status::access_denied;
+use super::status::{self, access_denied};
 use crate::auth::{self, Credentials};
 use crate::domain::Actor;
 use crate::telemetry::{THROTTLED_LINES_PER_SECOND, Throttle};
@@ -319,10 +320,10 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(
             async move {
-                let response = inner.call(request).await;
+                let mut response = inner.call(request).await;
                 // Handler errors are trailers-only responses: the status is in the headers.
                 // A response without one succeeded (for streams: at least started).
-                let code = match &response {
+                let mut code = match &response {
                     Ok(r) => r
                         .headers()
                         .get("grpc-status")
@@ -331,6 +332,18 @@ where
                         .map_or("OK", |c| code_name(Code::from_i32(c))),
                     Err(_) => "INTERNAL",
                 };
+                // An error without details is tonic's own refusal (an undecodable or oversized
+                // message): answered in this service's error model instead.
+                if let Ok(r) = &response
+                    && code != "OK"
+                    && !r.headers().contains_key("grpc-status-details-bin")
+                    && let Some(ours) = tonic::Status::from_header_map(r.headers())
+                        .as_ref()
+                        .and_then(status::from_transport_refusal)
+                {
+                    code = code_name(ours.code());
+                    response = Ok(ours.into_http());
+                }
                 record(method, code, caller, started);
                 if code != "OK" {
                     tracing::debug!(code, "request failed");

@@ -138,3 +138,123 @@ fn domain_status(err: &DomainError) -> (Code, String, ErrorDetails) {
         ),
     }
 }
+
+/// What prost's decode errors start with, in the `INTERNAL` status tonic makes of them.
+const DECODE_FAILURE: &str = "failed to decode Protobuf message: ";
+
+/// A refusal tonic makes before any handler runs, put in this service's error model; `None`
+/// for any other status (the service's own carry their details already).
+///
+/// - A body that is not the method's message: tonic answers `INTERNAL`, as if the server had
+///   failed. It is the caller's input, so `INVALID_ARGUMENT` with a `BadRequest` naming the
+///   field prost could not read (its path from the request's top, `outcomes.error_code`), or
+///   `request` when prost names none.
+/// - A message over the size limit: `OUT_OF_RANGE` as tonic says, plus the `ErrorInfo`
+///   (`MESSAGE_TOO_LARGE`) every error of this service carries.
+pub fn from_transport_refusal(status: &Status) -> Option<Status> {
+    if !status.details().is_empty() {
+        return None;
+    }
+    match status.code() {
+        Code::Internal => {
+            let (field, description) = decode_failure(status.message())?;
+            Some(invalid_argument(&DomainError::invalid(field, description)))
+        }
+        Code::OutOfRange if status.message().contains("message length too large") => {
+            Some(Status::with_error_details(
+                Code::OutOfRange,
+                status.message(),
+                ErrorDetails::with_error_info("MESSAGE_TOO_LARGE", ERROR_DOMAIN, HashMap::new()),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// The field path and description in prost's decode error text: `Inner.field: Outer.field:
+/// description`, innermost first (each `Message.field` pushed as the error rose).
+fn decode_failure(message: &str) -> Option<(String, String)> {
+    let rest = message.strip_prefix(DECODE_FAILURE)?;
+    let mut fields = Vec::new();
+    let mut remaining = rest;
+    while let Some((frame, tail)) = remaining.split_once(": ") {
+        let Some((message_name, field)) = frame.split_once('.') else {
+            break;
+        };
+        let ident =
+            |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !ident(message_name) || !ident(field) {
+            break;
+        }
+        fields.push(field);
+        remaining = tail;
+    }
+    fields.reverse();
+    let field = if fields.is_empty() {
+        "request".to_owned()
+    } else {
+        fields.join(".")
+    };
+    Some((
+        field,
+        format!("not readable as the method's message: {remaining}"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bad_fields(status: &Status) -> Vec<(String, String)> {
+        status
+            .get_details_bad_request()
+            .map(|b| {
+                b.field_violations
+                    .into_iter()
+                    .map(|v| (v.field, v.description))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn undecodable_requests_are_invalid_arguments_naming_the_field() {
+        let tonic = Status::internal(
+            "failed to decode Protobuf message: Outcome.error_code: RecordOutcomesRequest.outcomes: invalid string value: data is not UTF-8 encoded",
+        );
+        let ours = from_transport_refusal(&tonic).expect("rewritten");
+        assert_eq!(ours.code(), Code::InvalidArgument);
+        assert_eq!(
+            bad_fields(&ours),
+            [(
+                "outcomes.error_code".to_owned(),
+                "not readable as the method's message: invalid string value: data is not UTF-8 \
+                 encoded"
+                    .to_owned()
+            )]
+        );
+        let whole =
+            Status::internal("failed to decode Protobuf message: invalid wire type value: 7");
+        let ours = from_transport_refusal(&whole).expect("rewritten");
+        assert_eq!(bad_fields(&ours)[0].0, "request");
+    }
+
+    #[test]
+    fn oversized_messages_gain_an_error_info_and_other_statuses_stay() {
+        let tonic = Status::out_of_range(
+            "Error, decoded message length too large: found 1048581 bytes, the limit is: 524288 bytes",
+        );
+        let ours = from_transport_refusal(&tonic).expect("rewritten");
+        assert_eq!(ours.code(), Code::OutOfRange);
+        assert_eq!(ours.message(), tonic.message());
+        assert_eq!(
+            ours.get_details_error_info().map(|i| i.reason),
+            Some("MESSAGE_TOO_LARGE".to_owned())
+        );
+        // The service's own errors, and other internal errors, are left alone.
+        let own = to_status(&Error::Domain(DomainError::invalid("key", "too long")));
+        assert!(from_transport_refusal(&own).is_none());
+        assert!(from_transport_refusal(&Status::internal("internal error")).is_none());
+        assert!(from_transport_refusal(&Status::out_of_range("page past the end")).is_none());
+    }
+}
