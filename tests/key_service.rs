@@ -1142,7 +1142,56 @@ async fn every_store_gives_the_same_rate_limit_answers() {
     );
 }
 
+/// Two revocations of one key at the same moment, with the same reason: one revokes it, the
+/// other finds it revoked, and the log says exactly that, once each.
+async fn concurrent_revocations_are_each_on_record(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut c = server.keys();
+    let id = unique_session("revoke-race");
+    create_session(&mut c, &id, pb::Plan::Pro, pb::Environment::Live).await;
+    let (key, _) = create_key(&mut c, &id).await;
+    let revoke = || {
+        let mut c = c.clone();
+        let key_id = key.key_id.clone();
+        async move {
+            c.revoke_key(pb::RevokeKeyRequest {
+                key_id,
+                reason: "leaked".to_owned(),
+            })
+            .await
+            .expect("revoke")
+            .into_inner()
+        }
+    };
+    let (a, b) = tokio::join!(revoke(), revoke());
+    assert_eq!(a, b, "both answer the key as revoked once");
+    let events = c
+        .list_audit_events(pb::ListAuditEventsRequest {
+            session_id: id.clone(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await
+        .expect("audit")
+        .into_inner()
+        .events;
+    let mut revocations: Vec<&str> = events
+        .iter()
+        .filter(|e| e.action == "RevokeKey")
+        .map(|e| e.detail.as_str())
+        .collect();
+    revocations.sort_unstable();
+    assert_eq!(
+        revocations,
+        [
+            "already revoked; reason=\"leaked\" ignored",
+            "reason=\"leaked\""
+        ]
+    );
+}
+
 for_all_stores!(
+    concurrent_revocations_are_each_on_record,
     sessions_are_created_read_and_updated,
     enterprise_needs_a_custom_rate_limit,
     free_plan_allows_three_active_keys,

@@ -16,7 +16,7 @@ use crate::domain::{
     SessionId, SessionPatch, SessionRecord, VerifyOutcome, Violations,
 };
 use crate::store::{
-    Audit, InsertKey, KeyCursor, NewKey, ReplaceSession, RotateKey, Store, VerifyRequest,
+    Audit, InsertKey, KeyCursor, NewKey, ReplaceSession, RevokeKey, RotateKey, Store, VerifyRequest,
 };
 
 /// Highest `cost` of one VerifyKey call.
@@ -567,30 +567,29 @@ impl<S: Store> KeyService<S> {
             Some(*id),
             format!("reason={reason:?}"),
         );
-        let result = self
+        let outcome = self
             .store
             .revoke_key(id, &key.session_id, reason, now, self.audit(&entry))
-            .await
-            .map_err(Error::from)
-            .and_then(|k| k.ok_or_else(|| key_not_found(id)));
-        // Revoked by this call: its entry was written with the revocation.
-        let revoked_now =
-            matches!(&result, Ok(k) if k.revoke_ms == Some(now) && k.revoke_reason == reason);
-        if !revoked_now {
-            let detail = match &result {
-                Ok(_) => format!("already revoked; reason={reason:?} ignored"),
-                Err(_) => entry.detail,
-            };
-            self.record_unchanged(
-                actor,
-                AuditAction::RevokeKey,
-                &key.session_id,
-                Some(*id),
-                &result,
-                detail,
-            )
             .await;
-        }
+        // Revoked by this call: its entry was written with the revocation.
+        let (result, detail) = match outcome {
+            Ok(RevokeKey::Revoked(k)) => return Ok(*k),
+            Ok(RevokeKey::AlreadyRevoked(k)) => (
+                Ok(*k),
+                format!("already revoked; reason={reason:?} ignored"),
+            ),
+            Ok(RevokeKey::NotFound) => (Err(key_not_found(id)), entry.detail),
+            Err(err) => (Err(Error::from(err)), entry.detail),
+        };
+        self.record_unchanged(
+            actor,
+            AuditAction::RevokeKey,
+            &key.session_id,
+            Some(*id),
+            &result,
+            detail,
+        )
+        .await;
         result
     }
 

@@ -12,7 +12,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::{
     AlertChange, Audit, AuditStore, InsertKey, KeyCursor, KeyStore, NewKey, RecentActivity,
-    ReplaceSession, RotateKey, SessionStore, Store, StoreResult, UsageStore, VerifyRequest,
+    ReplaceSession, RevokeKey, RotateKey, SessionStore, Store, StoreResult, UsageStore,
+    VerifyRequest,
 };
 use crate::domain::audit::parse_event_id;
 use crate::domain::ratelimit::{self, WindowState};
@@ -336,22 +337,23 @@ impl KeyStore for MemoryStore {
         reason: &str,
         now: Millis,
         audit: Audit<'_>,
-    ) -> StoreResult<Option<KeyRecord>> {
+    ) -> StoreResult<RevokeKey> {
         let mut shard = self.shard(id.shard());
         let Some(key) = shard.keys.get_mut(id) else {
-            return Ok(None);
+            return Ok(RevokeKey::NotFound);
         };
         if key.record.session_id != *session {
-            return Ok(None);
+            return Ok(RevokeKey::NotFound);
         }
-        if key.record.state == KeyState::Active {
-            key.record.state = KeyState::Revoked;
-            key.record.revoke_ms = Some(now);
-            key.record.revoke_reason = reason.to_owned();
-            key.alerts.clear();
-            self.append(audit);
+        if key.record.state != KeyState::Active {
+            return Ok(RevokeKey::AlreadyRevoked(Box::new(key.record.clone())));
         }
-        Ok(Some(key.record.clone()))
+        key.record.state = KeyState::Revoked;
+        key.record.revoke_ms = Some(now);
+        key.record.revoke_reason = reason.to_owned();
+        key.alerts.clear();
+        self.append(audit);
+        Ok(RevokeKey::Revoked(Box::new(key.record.clone())))
     }
 
     async fn rotate_key(

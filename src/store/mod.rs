@@ -93,6 +93,17 @@ pub enum RotateKey {
     },
 }
 
+/// Result of [`KeyStore::revoke_key`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RevokeKey {
+    /// Revoked by this call (its audit entry written with it).
+    Revoked(Box<KeyRecord>),
+    /// Already revoked before; the record as it is, nothing written.
+    AlreadyRevoked(Box<KeyRecord>),
+    /// No such key in that session.
+    NotFound,
+}
+
 /// Result of [`SessionStore::replace_session`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReplaceSession {
@@ -201,9 +212,9 @@ pub trait KeyStore: Send + Sync + 'static {
         now: Millis,
     ) -> impl Future<Output = StoreResult<Vec<KeyRecord>>> + Send;
 
-    /// Revokes an active key and writes the audit entry (a revoked key is returned unchanged,
-    /// nothing written). `None` if no such key in that session. Works on a full store (a
-    /// full Redis): a key can be revoked at any time, and its entry is kept.
+    /// Revokes an active key and writes the audit entry; a revoked key is returned unchanged,
+    /// nothing written. Works on a full store (a full Redis): a key can be revoked at any
+    /// time, and its entry is kept.
     fn revoke_key(
         &self,
         id: &KeyId,
@@ -211,7 +222,7 @@ pub trait KeyStore: Send + Sync + 'static {
         reason: &str,
         now: Millis,
         audit: Audit<'_>,
-    ) -> impl Future<Output = StoreResult<Option<KeyRecord>>> + Send;
+    ) -> impl Future<Output = StoreResult<RevokeKey>> + Send;
 
     /// Atomically: stores `new` and marks `old` as replaced by it; the old key then expires at
     /// `old_expires_at` (or earlier if it already had an earlier expiry), or is revoked now

@@ -43,7 +43,7 @@ use redis::{
 use self::keys::{Keys, index_member, parse_index_member};
 use super::{
     AlertChange, Audit, AuditStore, InsertKey, KeyCursor, KeyStore, NewKey, RecentActivity,
-    ReplaceSession, RotateKey, SessionStore, Store, StoreError, StoreResult, UsageStore,
+    ReplaceSession, RevokeKey, RotateKey, SessionStore, Store, StoreError, StoreResult, UsageStore,
     VerifyRequest,
 };
 use crate::domain::ratelimit::{self, WindowState};
@@ -937,7 +937,7 @@ impl KeyStore for RedisStore {
         reason: &str,
         now: Millis,
         audit: Audit<'_>,
-    ) -> StoreResult<Option<KeyRecord>> {
+    ) -> StoreResult<RevokeKey> {
         let names = [
             self.keys.key(id),
             self.keys.active(session),
@@ -956,9 +956,14 @@ impl KeyStore for RedisStore {
                 inv.invoke_async(&mut c).await
             })
             .await?;
-        match reply {
-            Value::Int(0) => Ok(None),
-            fields => parse_record(*id, &strings(&fields)?),
+        let Value::Array(parts) = reply else {
+            return Ok(RevokeKey::NotFound);
+        };
+        let record = parse_record(*id, &strings(parts.get(1).unwrap_or(&Value::Nil))?)?
+            .ok_or_else(|| corrupt("key"))?;
+        match int(parts.first())? {
+            1 => Ok(RevokeKey::Revoked(Box::new(record))),
+            _ => Ok(RevokeKey::AlreadyRevoked(Box::new(record))),
         }
     }
 

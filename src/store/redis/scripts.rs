@@ -300,8 +300,9 @@ return {1, n + 1}
 /// ARGV[1] now, ARGV[2] reason, ARGV[3] key id, ARGV[4] session id, ARGV[5..17] the audit
 /// entry ([`AUDIT_LUA`]), written only if the key is revoked now.
 ///
-/// Reply: `0` if no such key in that session; else the record fields ([`RECORD_FIELDS`])
-/// after the change. Revoking a revoked key changes nothing (the first reason stays).
+/// Reply: `0` if no such key in that session; else `{1, fields}` revoked now or `{2, fields}`
+/// already revoked (nothing changes: the first reason stays), with the record fields
+/// ([`RECORD_FIELDS`]) as they now are.
 ///
 /// Revocation works when Redis is full (see the module header on maxmemory): a leaked key can
 /// be revoked at any time, with its audit entry, and stays revoked once Redis has room again.
@@ -310,14 +311,16 @@ pub static REVOKE_KEY: LazyLock<Script> = LazyLock::new(|| {
         r#"
 local cur = redis.call('HMGET', KEYS[1], 'st', 's')
 if not cur[2] or cur[2] ~= ARGV[4] then return 0 end
+local outcome = 2
 if cur[1] ~= 'r' then
   -- ZREM first: a write Redis never refuses, so a full Redis still takes the HSET after it.
   redis.call('ZREM', KEYS[2], ARGV[3])
   redis.call('HSET', KEYS[1], 'st', 'r', 'rt', ARGV[1], 'rr', ARGV[2])
   redis.call('DEL', KEYS[3])
   audit()
+  outcome = 1
 end
-return redis.call('HMGET', KEYS[1], 's', 'e', 'n', 'st', 'ct', 'lu', 'x', 'rt', 'rr', 'rb')
+return {outcome, redis.call('HMGET', KEYS[1], 's', 'e', 'n', 'st', 'ct', 'lu', 'x', 'rt', 'rr', 'rb')}
 "#,
     )
 });
