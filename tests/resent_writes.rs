@@ -57,7 +57,13 @@ async fn replays_answer_as_the_first_call_did(store: &impl Store) {
             "{attempt}"
         );
     }
-    // Another session under the same id is refused.
+    // Another call creating the very same session is refused, as is another session.
+    assert!(
+        !store
+            .create_session(&session, common::audit_call(&created, 2))
+            .await
+            .expect("session")
+    );
     let other = SessionRecord {
         create_ms: T0 + 1,
         ..session.clone()
@@ -87,7 +93,17 @@ async fn replays_answer_as_the_first_call_did(store: &impl Store) {
             "{attempt}: {replaced:?}"
         );
     }
-    // Another update from the old version is a conflict.
+    // Another call making the very same update from the old version is a conflict (the
+    // service retries it from the new version, and records it on its own); so is another
+    // update.
+    let same_elsewhere = store
+        .replace_session(&updated, 1, common::audit_call(&update, 2))
+        .await
+        .expect("replace");
+    assert!(
+        matches!(same_elsewhere, ReplaceSession::VersionConflict),
+        "{same_elsewhere:?}"
+    );
     let stale = SessionRecord {
         custom_rate_limit: Some(200),
         ..updated.clone()

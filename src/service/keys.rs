@@ -183,12 +183,14 @@ impl<S: Store> KeyService<S> {
         }
     }
 
-    /// `entry` with the log's retention: what a change hands its store call, which writes
-    /// the entry with the change, atomically.
+    /// `entry` with the log's retention and a fresh call number: what a change hands its
+    /// store call, which writes the entry with the change, atomically. One per store call:
+    /// only a resend of that very command carries the same number.
     fn audit<'a>(&self, entry: &'a AuditEntry) -> Audit<'a> {
         Audit {
             entry,
             retention_ms: i64::from(self.settings.audit_retention_days) * MILLIS_PER_DAY,
+            call: rand::random(),
         }
     }
 

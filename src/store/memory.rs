@@ -37,6 +37,9 @@ struct SessionEntry {
     record: SessionRecord,
     /// Every key of the session, in listing order.
     index: BTreeSet<(Millis, KeyId)>,
+    /// The `Audit::call` of the call that last stored the record: tells its resend from
+    /// another call storing the same, as in Redis.
+    last_call: u64,
 }
 
 struct KeyEntry {
@@ -190,13 +193,14 @@ impl SessionStore for MemoryStore {
     async fn create_session(&self, session: &SessionRecord, audit: Audit<'_>) -> StoreResult<bool> {
         let mut shard = self.shard(session.id.shard());
         if let Some(existing) = shard.sessions.get(&session.id) {
-            // Its own session again (as a Redis client's resend would be): already created.
-            let same = existing.record
-                == SessionRecord {
-                    active_keys: 0,
-                    ..session.clone()
-                };
-            return Ok(same);
+            // This very call again (as a Redis client's resend would be): already created.
+            let resent = existing.last_call == audit.call
+                && existing.record
+                    == SessionRecord {
+                        active_keys: 0,
+                        ..session.clone()
+                    };
+            return Ok(resent);
         }
         self.append(audit);
         shard.sessions.insert(
@@ -207,6 +211,7 @@ impl SessionStore for MemoryStore {
                     ..session.clone()
                 },
                 index: BTreeSet::new(),
+                last_call: audit.call,
             },
         );
         Ok(true)
@@ -234,8 +239,8 @@ impl SessionStore for MemoryStore {
             active_keys: 0,
             ..session.clone()
         };
-        // This very update again (as a Redis client's resend would be): already done.
-        if entry.record == next {
+        // This very call again (as a Redis client's resend would be): already done.
+        if entry.record == next && entry.last_call == audit.call {
             return Ok(ReplaceSession::Replaced);
         }
         if entry.record.version != expected_version {
@@ -243,6 +248,7 @@ impl SessionStore for MemoryStore {
         }
         self.append(audit);
         entry.record = next;
+        entry.last_call = audit.call;
         Ok(ReplaceSession::Replaced)
     }
 }

@@ -149,11 +149,16 @@ pub struct NewKey<'a> {
 pub struct Audit<'a> {
     pub entry: &'a AuditEntry,
     pub retention_ms: Millis,
+    /// Drawn at random for each store call: a resent command carries the same number, another
+    /// call another. Sessions have nothing else that tells a resend of a change from another
+    /// call making the very same change (keys have their new hash).
+    pub call: u64,
 }
 
 pub trait SessionStore: Send + Sync + 'static {
     /// Stores a new session and its audit entry; `Ok(false)` (nothing written) if the id is
-    /// taken, except by this very record (a resent command): `Ok(true)`, nothing written.
+    /// taken, except by this very call (a resent command: same record, same `audit.call`):
+    /// `Ok(true)`, nothing written.
     fn create_session(
         &self,
         session: &SessionRecord,
@@ -168,8 +173,8 @@ pub trait SessionStore: Send + Sync + 'static {
     ) -> impl Future<Output = StoreResult<Option<SessionRecord>>> + Send;
 
     /// Replaces the session, and writes its audit entry, if its stored version is still
-    /// `expected_version`. The stored session already equal to `session` (a resent command)
-    /// answers `Replaced` and writes nothing.
+    /// `expected_version`. This very call again (a resent command: the stored session equal to
+    /// `session` and stored by the same `audit.call`) answers `Replaced` and writes nothing.
     fn replace_session(
         &self,
         session: &SessionRecord,

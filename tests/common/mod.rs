@@ -499,11 +499,21 @@ pub fn audit_entry(
     }
 }
 
-/// `entry` with a 90-day retention, as a store's change takes it.
+/// `entry` with a 90-day retention, as a store's change takes it, as call number 1: passing
+/// the same again is a resend of the command ([`audit_call`] for another call).
 pub fn audit(entry: &sendable_keys::domain::AuditEntry) -> sendable_keys::store::Audit<'_> {
+    audit_call(entry, 1)
+}
+
+/// [`audit`] as call number `call`.
+pub fn audit_call(
+    entry: &sendable_keys::domain::AuditEntry,
+    call: u64,
+) -> sendable_keys::store::Audit<'_> {
     sendable_keys::store::Audit {
         entry,
         retention_ms: 90 * 86_400_000,
+        call,
     }
 }
 

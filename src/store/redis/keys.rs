@@ -3,7 +3,10 @@
 //! # Layout
 //!
 //! ```text
-//! <prefix>:{<shard>}:sessions          HASH  session id -> packed session (see below)
+//! <prefix>:{<shard>}:sessions          HASH  session id -> packed session (see below), and
+//!                                            `<session id>:c` -> the random number of the
+//!                                            call that last stored it (tells a resent
+//!                                            command from another call)
 //! <prefix>:{<shard>}:k:<key id>        HASH  one API key: hash, status, window counters, ...
 //! <prefix>:{<shard>}:i:<session id>    ZSET  the session's keys, for listing (score 0, member
 //!                                            "<13-digit create ms>:<key id>", so lexical order

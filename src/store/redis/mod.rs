@@ -748,7 +748,10 @@ impl SessionStore for RedisStore {
         let created: i64 = self
             .run("create_session", |mut c| async move {
                 let mut inv = scripts::CREATE_SESSION.prepare_invoke();
-                inv.key(&names[..]).arg(session.id.as_str()).arg(&packed);
+                inv.key(&names[..])
+                    .arg(session.id.as_str())
+                    .arg(&packed)
+                    .arg(audit.call.to_string());
                 audit_args(&mut inv, audit);
                 inv.invoke_async(&mut c).await
             })
@@ -793,7 +796,8 @@ impl SessionStore for RedisStore {
                 inv.key(&names[..])
                     .arg(session.id.as_str())
                     .arg(expected_version)
-                    .arg(&packed);
+                    .arg(&packed)
+                    .arg(audit.call.to_string());
                 audit_args(&mut inv, audit);
                 inv.invoke_async(&mut c).await
             })

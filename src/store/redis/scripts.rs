@@ -401,17 +401,21 @@ return {1, redis.call('HMGET', KEYS[1], unpack(f)), redis.call('HMGET', KEYS[2],
 /// CreateSession: the session and its audit entry.
 ///
 /// KEYS[1] session table, KEYS[2] the session's audit stream. ARGV[1] session id, ARGV[2]
-/// packed session, ARGV[3..15] the audit entry ([`AUDIT_LUA`]).
+/// packed session, ARGV[3] the call's random number, ARGV[4..16] the audit entry
+/// ([`AUDIT_LUA`]).
 ///
 /// Reply: `1` created, `0` the id is taken. The same call sent twice (a cluster client's
-/// resend) finds its own session, packed to the millisecond, and answers `1` again, writing
-/// nothing: "already exists" would tell the caller its create failed.
+/// resend) finds its own session and its call number (field `<session id>:c` of the table;
+/// session ids have no `:`), and answers `1` again, writing nothing: "already exists" would
+/// tell the caller its create failed. Another call creating the very same session gets `0`.
 pub static CREATE_SESSION: LazyLock<Script> = LazyLock::new(|| {
     with_audit(
         r#"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur then return cur == ARGV[2] and 1 or 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if cur then
+  return (cur == ARGV[2] and redis.call('HGET', KEYS[1], ARGV[1] .. ':c') == ARGV[3]) and 1 or 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], ARGV[1] .. ':c', ARGV[3])
 audit()
 return 1
 "#,
@@ -421,21 +425,22 @@ return 1
 /// UpdateSession: compare-and-set on the session's version, with the audit entry.
 ///
 /// KEYS[1] session table, KEYS[2] the session's audit stream. ARGV[1] session id, ARGV[2]
-/// expected version, ARGV[3] new packed session, ARGV[4..16] the audit entry
-/// ([`AUDIT_LUA`]).
+/// expected version, ARGV[3] new packed session, ARGV[4] the call's random number,
+/// ARGV[5..17] the audit entry ([`AUDIT_LUA`]).
 ///
 /// Reply: `1` replaced, `0` no such session, `-1` version conflict. The same call sent twice
-/// (a cluster client's resend) finds the session it stored, its version and update time
-/// included, and answers `1` again, writing nothing: a conflict would make the service apply
-/// the patch a second time, with a second audit entry.
+/// (a cluster client's resend) finds the session it stored and its call number, and answers
+/// `1` again, writing nothing: a conflict would make the service apply the patch a second
+/// time, with a second audit entry. Another call making the very same change at the same
+/// moment is a conflict, retried and recorded on its own.
 pub static REPLACE_SESSION: LazyLock<Script> = LazyLock::new(|| {
     with_audit(
         r#"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if not cur then return 0 end
-if cur == ARGV[3] then return 1 end
+if cur == ARGV[3] and redis.call('HGET', KEYS[1], ARGV[1] .. ':c') == ARGV[4] then return 1 end
 if string.match(cur, ':(%d+)$') ~= ARGV[2] then return -1 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], ARGV[1] .. ':c', ARGV[4])
 audit()
 return 1
 "#,
