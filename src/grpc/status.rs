@@ -160,7 +160,11 @@ pub fn from_transport_refusal(status: &Status) -> Option<Status> {
             let (field, description) = decode_failure(status.message())?;
             Some(invalid_argument(&DomainError::invalid(field, description)))
         }
-        Code::OutOfRange if status.message().contains("message length too large") => {
+        Code::OutOfRange
+            if status
+                .message()
+                .contains("decoded message length too large") =>
+        {
             Some(Status::with_error_details(
                 Code::OutOfRange,
                 status.message(),
@@ -219,9 +223,14 @@ mod tests {
 
     #[test]
     fn undecodable_requests_are_invalid_arguments_naming_the_field() {
-        let tonic = Status::internal(
-            "failed to decode Protobuf message: Outcome.error_code: RecordOutcomesRequest.outcomes: invalid string value: data is not UTF-8 encoded",
-        );
+        use prost::Message;
+        // outcomes[0].error_code (field 1, then field 3) holding bytes that are not UTF-8,
+        // decoded by prost and wrapped as tonic-prost does, so a change of prost's wording
+        // shows here.
+        let body = [0x0a, 0x04, 0x1a, 0x02, 0xc3, 0x28];
+        let error =
+            crate::grpc::pb::RecordOutcomesRequest::decode(&body[..]).expect_err("not UTF-8");
+        let tonic = Status::internal(error.to_string());
         let ours = from_transport_refusal(&tonic).expect("rewritten");
         assert_eq!(ours.code(), Code::InvalidArgument);
         assert_eq!(
