@@ -380,7 +380,8 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Warns when a Redis node may evict: a full Redis with any `maxmemory-policy` but
+/// Warns when a Redis master may evict (redis-rs sends `INFO` to every master of a Cluster,
+/// not to replicas): a full Redis with any `maxmemory-policy` but
 /// `noeviction` deletes keys to make room, and here those are key records (a working key turns
 /// NOT_FOUND), session tables, rate-limit windows (a limit stops being exact), usage and audit
 /// history. Checked once, when Redis first answers, like Sidekiq's warning of the same kind.

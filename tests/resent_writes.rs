@@ -5,7 +5,8 @@
 //! nobody got, would hold a slot of the key limit), and an "already rotated" would lose the new
 //! key, whose secret the caller never sees, and with no grace period the old key too. A resent
 //! CreateSession must not answer "already exists" to the call that created it, nor a resent
-//! UpdateSession "conflict" (the service would apply the patch again). Each change's
+//! UpdateSession "conflict" (the service would apply the patch again), nor a resent RevokeKey
+//! "already revoked" (the service would log a second call). Each change's
 //! audit entry is written with it, so a replay adds none. Every store answers a replay the
 //! same way, so this runs on all three.
 
@@ -18,7 +19,7 @@ use sendable_keys::domain::{
 };
 use sendable_keys::store::memory::MemoryStore;
 use sendable_keys::store::redis::RedisStore;
-use sendable_keys::store::{InsertKey, NewKey, ReplaceSession, RotateKey, Store};
+use sendable_keys::store::{InsertKey, NewKey, ReplaceSession, RevokeKey, RotateKey, Store};
 
 /// Free: 3 keys.
 const PLAN_MAX_KEYS: [u32; 4] = [3, 10, 0, 0];
@@ -232,6 +233,40 @@ async fn replays_answer_as_the_first_call_did(store: &impl Store) {
         2,
         "a, in its grace, and c"
     );
+
+    // RevokeKey, twice: revoked by this call both times; another call finds it revoked.
+    let c_revoked = common::audit_entry(&session, "RevokeKey", Some(c.id));
+    for attempt in ["first", "resent"] {
+        let revoked = store
+            .revoke_key(
+                &c.id,
+                &session.id,
+                "leaked",
+                T0 + 4,
+                common::audit(&c_revoked),
+            )
+            .await
+            .expect("revoke");
+        assert!(
+            matches!(&revoked, RevokeKey::Revoked(k) if k.revoke_ms == Some(T0 + 4)),
+            "{attempt}: {revoked:?}"
+        );
+    }
+    let again = store
+        .revoke_key(
+            &c.id,
+            &session.id,
+            "again",
+            T0 + 5,
+            common::audit_call(&c_revoked, 2),
+        )
+        .await
+        .expect("revoke");
+    assert!(
+        matches!(&again, RevokeKey::AlreadyRevoked(k) if k.revoke_reason == "leaked"),
+        "{again:?}"
+    );
+    assert_eq!(active_keys(store, &session).await, 1, "a, in its grace");
     // Each change is in the audit log once: a resent one wrote nothing, its entry included,
     // and the refused ones none.
     let logged: Vec<(String, Option<KeyId>)> = store
@@ -244,6 +279,7 @@ async fn replays_answer_as_the_first_call_did(store: &impl Store) {
     assert_eq!(
         logged,
         [
+            ("RevokeKey".to_owned(), Some(c.id)),
             ("RotateKey".to_owned(), Some(b.id)),
             ("RotateKey".to_owned(), Some(a.id)),
             ("CreateKey".to_owned(), Some(a.id)),

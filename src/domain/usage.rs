@@ -443,12 +443,12 @@ impl KeyActivity {
     /// last being the current minute.
     pub fn from_minutes(limit_used: f64, minutes: &[MinuteCounters]) -> Self {
         let recent_start = minutes.len().saturating_sub(RECENT_MINUTES);
-        let baseline_start = recent_start.saturating_sub(BASELINE_MINUTES);
+        let baseline_from = recent_start.saturating_sub(BASELINE_MINUTES);
         let recent = &minutes[recent_start..];
         KeyActivity {
             limit_used,
             recent_requests: recent.iter().map(|m| m.requests).sum(),
-            baseline_requests: minutes[baseline_start..recent_start]
+            baseline_requests: minutes[baseline_from..recent_start]
                 .iter()
                 .map(|m| m.requests)
                 .sum(),

@@ -54,6 +54,9 @@ struct KeyEntry {
     minutes: BTreeMap<i64, MinuteCounters>,
     /// Firing alerts and since when.
     alerts: BTreeMap<AlertKind, Millis>,
+    /// The `Audit::call` of the call that revoked the key: tells its resend from another
+    /// call, as the Redis record's `rc` does.
+    revoked_by: Option<u64>,
 }
 
 impl KeyEntry {
@@ -181,6 +184,7 @@ impl Shard {
                 days: BTreeMap::new(),
                 minutes: BTreeMap::new(),
                 alerts: BTreeMap::new(),
+                revoked_by: None,
             },
         );
         if let Some(entry) = self.sessions.get_mut(&key.record.session_id) {
@@ -352,11 +356,17 @@ impl KeyStore for MemoryStore {
             return Ok(RevokeKey::NotFound);
         }
         if key.record.state != KeyState::Active {
-            return Ok(RevokeKey::AlreadyRevoked(Box::new(key.record.clone())));
+            let record = Box::new(key.record.clone());
+            return Ok(if key.revoked_by == Some(audit.call) {
+                RevokeKey::Revoked(record)
+            } else {
+                RevokeKey::AlreadyRevoked(record)
+            });
         }
         key.record.state = KeyState::Revoked;
         key.record.revoke_ms = Some(now);
         key.record.revoke_reason = reason.to_owned();
+        key.revoked_by = Some(audit.call);
         key.alerts.clear();
         self.append(audit);
         Ok(RevokeKey::Revoked(Box::new(key.record.clone())))

@@ -150,8 +150,9 @@ pub struct Audit<'a> {
     pub entry: &'a AuditEntry,
     pub retention_ms: Millis,
     /// Drawn at random for each store call: a resent command carries the same number, another
-    /// call another. Sessions have nothing else that tells a resend of a change from another
-    /// call making the very same change (keys have their new hash).
+    /// call another. Session changes and revocations have nothing else that tells a resend
+    /// from another call making the very same change (new keys have their hash), so they store
+    /// it.
     pub call: u64,
 }
 
@@ -218,7 +219,7 @@ pub trait KeyStore: Send + Sync + 'static {
     ) -> impl Future<Output = StoreResult<Vec<KeyRecord>>> + Send;
 
     /// Revokes an active key and writes the audit entry; a revoked key is returned unchanged,
-    /// nothing written. Works on a full store (a full Redis): a key can be revoked at any
+    /// nothing written (`Revoked` again for this very call's resend, by `audit.call`). Works on a full store (a full Redis): a key can be revoked at any
     /// time, and its entry is kept.
     fn revoke_key(
         &self,
@@ -312,7 +313,8 @@ pub trait UsageStore: Send + Sync + 'static {
 pub trait AuditStore: Send + Sync + 'static {
     /// Appends an entry to its session's log and drops entries older than its retention;
     /// returns the new event's id. For what changed nothing (a refused or failed call, a
-    /// repeated revocation): a change's own entry goes with the change.
+    /// repeated revocation, an update with nothing to change): a change's own entry goes with
+    /// the change.
     fn append_audit(&self, audit: Audit<'_>) -> impl Future<Output = StoreResult<String>> + Send;
 
     /// Up to `limit` events of the session, newest first, strictly older than `before`

@@ -338,7 +338,7 @@ impl RedisStore {
             .map_err(|e| store_error(&e))
     }
 
-    /// The `maxmemory-policy` of every node (each master of a Cluster; `None` for one whose
+    /// The `maxmemory-policy` of the server (each master of a Cluster; `None` for one whose
     /// reply had none, e.g. an error), read from `INFO memory`, which managed Redis services
     /// answer even where they disable `CONFIG`. Anything but `noeviction` lets a full Redis
     /// delete this service's data to make room (`app` warns at startup).
@@ -955,19 +955,23 @@ impl KeyStore for RedisStore {
                     .arg(now)
                     .arg(reason)
                     .arg(id.as_str())
-                    .arg(session.as_str());
+                    .arg(session.as_str())
+                    .arg(audit.call.to_string());
                 audit_args(&mut inv, audit);
                 inv.invoke_async(&mut c).await
             })
             .await?;
-        let Value::Array(parts) = reply else {
-            return Ok(RevokeKey::NotFound);
+        let parts = match reply {
+            Value::Int(0) => return Ok(RevokeKey::NotFound),
+            Value::Array(parts) => parts,
+            _ => return Err(corrupt("script reply")),
         };
         let record = parse_record(*id, &strings(parts.get(1).unwrap_or(&Value::Nil))?)?
             .ok_or_else(|| corrupt("key"))?;
         match int(parts.first())? {
             1 => Ok(RevokeKey::Revoked(Box::new(record))),
-            _ => Ok(RevokeKey::AlreadyRevoked(Box::new(record))),
+            2 => Ok(RevokeKey::AlreadyRevoked(Box::new(record))),
+            _ => Err(corrupt("script reply")),
         }
     }
 
@@ -1320,7 +1324,7 @@ impl UsageStore for RedisStore {
         let hours: Vec<i64> =
             ((range.start().div_euclid(60))..=(range.end().div_euclid(60))).collect();
         let mut out = Vec::with_capacity(keys.len());
-        // Per key: HMGET window, HGETALL alerts, then HGETALL requests + outcomes per hour.
+        // Per key: HGET window, HGETALL alerts, then HGETALL requests + outcomes per hour.
         let per_key = 2 + 2 * hours.len();
         let hours = &hours;
         for chunk in keys.chunks((PIPELINE_CHUNK / per_key).max(1)) {

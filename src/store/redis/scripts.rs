@@ -30,7 +30,8 @@
 //! Key record fields: `h` hash (one version byte, then the 32-byte hash, so one comparison
 //! checks both), `s` session id, `e` environment code, `n` name (absent if empty), `st` state
 //! (absent = active, `r` = revoked), `ct` created ms, `lu` last used ms, `x` expire ms, `rt`
-//! revoked ms, `rr` revoke reason, `rb` replaced by (key id), and the sliding window `w` =
+//! revoked ms, `rr` revoke reason, `rc` the revoking call's random number (tells its resend),
+//! `rb` replaced by (key id), and the sliding window `w` =
 //! `<window index>:<current count>:<previous count>`. Short names, optional fields left out and
 //! the window packed into one field keep a key record near 200 bytes in Redis.
 
@@ -297,27 +298,32 @@ return {1, n + 1}
 ///
 /// KEYS[1] key record, KEYS[2] its session's active set, KEYS[3] its alert state, KEYS[4] the
 /// session's audit stream.
-/// ARGV[1] now, ARGV[2] reason, ARGV[3] key id, ARGV[4] session id, ARGV[5..17] the audit
-/// entry ([`AUDIT_LUA`]), written only if the key is revoked now.
+/// ARGV[1] now, ARGV[2] reason, ARGV[3] key id, ARGV[4] session id, ARGV[5] the call's random
+/// number, ARGV[6..18] the audit entry ([`AUDIT_LUA`]), written only if the key is revoked
+/// now.
 ///
-/// Reply: `0` if no such key in that session; else `{1, fields}` revoked now or `{2, fields}`
-/// already revoked (nothing changes: the first reason stays), with the record fields
-/// ([`RECORD_FIELDS`]) as they now are.
+/// Reply: `0` if no such key in that session; else `{1, fields}` revoked by this call or
+/// `{2, fields}` already revoked (nothing changes: the first reason stays), with the record
+/// fields ([`RECORD_FIELDS`]) as they now are. The revoking call's number is kept in the
+/// record (`rc`), so its resend (a cluster client's) answers `1` again, writing nothing, while
+/// another call gets `2`.
 ///
 /// Revocation works when Redis is full (see the module header on maxmemory): a leaked key can
 /// be revoked at any time, with its audit entry, and stays revoked once Redis has room again.
 pub static REVOKE_KEY: LazyLock<Script> = LazyLock::new(|| {
     with_audit(
         r#"
-local cur = redis.call('HMGET', KEYS[1], 'st', 's')
+local cur = redis.call('HMGET', KEYS[1], 'st', 's', 'rc')
 if not cur[2] or cur[2] ~= ARGV[4] then return 0 end
 local outcome = 2
 if cur[1] ~= 'r' then
   -- ZREM first: a write Redis never refuses, so a full Redis still takes the HSET after it.
   redis.call('ZREM', KEYS[2], ARGV[3])
-  redis.call('HSET', KEYS[1], 'st', 'r', 'rt', ARGV[1], 'rr', ARGV[2])
+  redis.call('HSET', KEYS[1], 'st', 'r', 'rt', ARGV[1], 'rr', ARGV[2], 'rc', ARGV[5])
   redis.call('DEL', KEYS[3])
   audit()
+  outcome = 1
+elseif cur[3] == ARGV[5] then
   outcome = 1
 end
 return {outcome, redis.call('HMGET', KEYS[1], 's', 'e', 'n', 'st', 'ct', 'lu', 'x', 'rt', 'rr', 'rb')}
@@ -447,8 +453,8 @@ return 1
     )
 });
 
-/// An audit entry for what changed nothing (a refused or failed call, a repeated revocation);
-/// a change's own entry is written by the change's script.
+/// An audit entry for what changed nothing (a refused or failed call, a repeated revocation,
+/// an update with nothing to change); a change's own entry is written by the change's script.
 ///
 /// KEYS[1] the session's audit stream. ARGV[1..13] the entry ([`AUDIT_LUA`]).
 ///
