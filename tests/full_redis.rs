@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use common::redis::{DedicatedRedis, OwnedCluster, count_keys};
 use common::{
-    Backend, TestServer, create_key, create_session, decision, reason, try_verify, unique_prefix,
-    unique_session, verify,
+    Backend, TestServer, create_enterprise_session, create_key, create_session, decision, reason,
+    try_verify, unique_prefix, unique_session, verify,
 };
 use sendable_keys::grpc::pb;
 use sendable_keys::store::redis::{RedisConfig, RedisStore};
@@ -274,6 +274,89 @@ async fn a_full_redis_still_revokes_and_adds_nothing(urls: Vec<String>, cluster:
     let (_, again) = create_key(&mut c, &id).await;
     assert_eq!(decision(&verify(&mut c, &again).await), pb::Decision::Valid);
     assert!(try_verify(&mut c, &kept_secret).await.is_ok());
+
+    // Alerts: an evaluation that must record a new firing is refused whole on a full Redis,
+    // the resolutions in it included; one that only resolves goes through.
+    let busy = unique_session("full-alerts");
+    create_enterprise_session(&mut c, &busy, 5).await;
+    let (first, first_secret) = create_key(&mut c, &busy).await;
+    let (second, second_secret) = create_key(&mut c, &busy).await;
+    let list = |mut usage: pb::usage_service_client::UsageServiceClient<_>| {
+        let busy = busy.clone();
+        async move {
+            usage
+                .list_alerts(pb::ListAlertsRequest { session_id: busy })
+                .await
+                .map(|r| {
+                    let mut keys: Vec<String> = r
+                        .into_inner()
+                        .alerts
+                        .into_iter()
+                        .map(|a| a.key_id)
+                        .collect();
+                    keys.sort();
+                    keys
+                })
+        }
+    };
+    // The alert states stored for a key, read from Redis itself.
+    let stored_states = |key_id: &str| -> usize {
+        urls.iter()
+            .map(|url| {
+                let mut conn = ::redis::Client::open(url.as_str())
+                    .expect("url")
+                    .get_connection()
+                    .expect("connect");
+                let names: Vec<String> = ::redis::cmd("KEYS")
+                    .arg(format!("{}:*:al:{key_id}", server.prefix))
+                    .query(&mut conn)
+                    .expect("keys");
+                names
+                    .iter()
+                    .map(|name| {
+                        ::redis::cmd("HLEN")
+                            .arg(name)
+                            .query::<usize>(&mut conn)
+                            .expect("hlen")
+                    })
+                    .sum::<usize>()
+            })
+            .sum()
+    };
+    for _ in 0..4 {
+        verify(&mut c, &first_secret).await; // 4 of 5: past the 80% alert
+    }
+    assert_eq!(
+        list(server.usage()).await.expect("alerts"),
+        std::slice::from_ref(&first.key_id)
+    );
+    // Two minutes on: the first key's window is empty (its alert resolves) and the second
+    // key is at 4 of 5 (its alert fires), in one evaluation.
+    server.clock.set(common::T0 + 120_000);
+    for _ in 0..4 {
+        verify(&mut c, &second_secret).await;
+    }
+    set_maxmemory(&urls, "1");
+    assert_unavailable(list(server.usage()).await, "a new firing on a full Redis");
+    assert_eq!(
+        (stored_states(&first.key_id), stored_states(&second.key_id)),
+        (1, 0),
+        "nothing of that evaluation stored"
+    );
+    set_maxmemory(&urls, "0");
+    assert_eq!(
+        list(server.usage()).await.expect("alerts"),
+        std::slice::from_ref(&second.key_id)
+    );
+    // Two minutes more: the second one resolves too, full Redis or not.
+    server.clock.set(common::T0 + 240_000);
+    set_maxmemory(&urls, "1");
+    assert!(list(server.usage()).await.expect("resolving").is_empty());
+    set_maxmemory(&urls, "0");
+    assert_eq!(
+        (stored_states(&first.key_id), stored_states(&second.key_id)),
+        (0, 0)
+    );
 }
 
 /// The store reads every node's eviction policy (the startup warning's source): all of a

@@ -1390,33 +1390,20 @@ impl UsageStore for RedisStore {
         if changes.is_empty() {
             return Ok(());
         }
-        // A firing alert's start is kept (HSETNX); the hash expires if nothing touches it for
-        // 30 days, which collects the state of keys that expired while an alert was firing.
+        // One script, so an evaluation's changes land together (the alert states of one
+        // session's keys share its slot).
         let names: Vec<String> = changes
             .iter()
             .map(|c| self.keys.alerts(&c.key_id))
             .collect();
         self.run("update_alerts", |mut c| async move {
-            let mut pipe = redis::pipe();
-            for (change, name) in changes.iter().zip(&names) {
-                match change.since {
-                    Some(since) => {
-                        pipe.cmd("HSETNX")
-                            .arg(name)
-                            .arg(change.kind.code())
-                            .arg(since)
-                            .ignore();
-                        pipe.cmd("EXPIRE")
-                            .arg(name)
-                            .arg(ALERT_STATE_TTL_SECS)
-                            .ignore();
-                    }
-                    None => {
-                        pipe.cmd("HDEL").arg(name).arg(change.kind.code()).ignore();
-                    }
-                }
+            let mut inv = scripts::UPDATE_ALERTS.prepare_invoke();
+            inv.key(&names[..]).arg(ALERT_STATE_TTL_SECS);
+            for change in changes {
+                inv.arg(change.kind.code())
+                    .arg(change.since.map(|s| s.to_string()).unwrap_or_default());
             }
-            pipe.query_async::<()>(&mut c).await
+            inv.invoke_async::<()>(&mut c).await
         })
         .await
     }

@@ -453,6 +453,35 @@ return 1
     )
 });
 
+/// An alert evaluation's state changes, together.
+///
+/// KEYS: one key's alert state per change. ARGV[1] the state's TTL (s), then per change `i`
+/// (from 0) its kind at `2 + 2i` and when it started firing at `3 + 2i` (`''` = resolved).
+///
+/// A firing alert's start is kept (HSETNX); a state hash expires if nothing touches it for
+/// its TTL, which collects the state of keys that expired while an alert was firing. New
+/// firings are written first: on a full Redis (see the module header on maxmemory) an
+/// evaluation with one is refused whole, resolutions included, while one that only resolves
+/// goes through (it frees memory).
+pub static UPDATE_ALERTS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+for pass = 1, 2 do
+  for i = 1, #KEYS do
+    local kind, since = ARGV[2 * i], ARGV[2 * i + 1]
+    if pass == 1 and since ~= '' then
+      redis.call('HSETNX', KEYS[i], kind, since)
+      redis.call('EXPIRE', KEYS[i], ARGV[1])
+    elseif pass == 2 and since == '' then
+      redis.call('HDEL', KEYS[i], kind)
+    end
+  end
+end
+return 0
+"#,
+    )
+});
+
 /// An audit entry for what changed nothing (a refused or failed call, a repeated revocation,
 /// an update with nothing to change); a change's own entry is written by the change's script.
 ///
