@@ -280,6 +280,9 @@ async fn a_full_redis_still_revokes_and_adds_nothing(urls: Vec<String>, cluster:
     let busy = unique_session("full-alerts");
     create_enterprise_session(&mut c, &busy, 5).await;
     let (first, first_secret) = create_key(&mut c, &busy).await;
+    // Created a moment later, so it comes second in the evaluation: the first key's
+    // resolution is its first change, the order a script writing in turn would let through.
+    server.clock.set(common::T0 + 1);
     let (second, second_secret) = create_key(&mut c, &busy).await;
     let list = |mut usage: pb::usage_service_client::UsageServiceClient<_>| {
         let busy = busy.clone();

@@ -304,6 +304,9 @@ pub trait UsageStore: Send + Sync + 'static {
         minutes: usize,
     ) -> impl Future<Output = StoreResult<Vec<RecentActivity>>> + Send;
 
+    /// Records one alert evaluation's state changes, together. They must all be of one
+    /// session's keys (one Redis Cluster slot), each (key, kind) at most once (Redis applies
+    /// the new firings before the resolutions, the memory store in order).
     fn update_alerts(
         &self,
         changes: &[AlertChange],
