@@ -10,10 +10,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::redis::{DedicatedRedis, OwnedCluster, count_keys};
+use common::redis::{DedicatedRedis, OwnedCluster, config_set, count_keys};
 use common::{
-    Backend, TestServer, create_enterprise_session, create_key, create_session, decision, reason,
-    try_verify, unique_prefix, unique_session, verify,
+    Backend, TestServer, audit_events, create_enterprise_session, create_key, create_session,
+    decision, reason, try_verify, unique_prefix, unique_session, verify,
 };
 use sendable_keys::grpc::pb;
 use sendable_keys::store::redis::{RedisConfig, RedisStore};
@@ -41,17 +41,26 @@ async fn server_on(urls: Vec<String>, cluster: bool) -> TestServer {
 
 fn set_maxmemory(urls: &[String], bytes: &str) {
     for url in urls {
-        let mut conn = ::redis::Client::open(url.as_str())
-            .expect("url")
-            .get_connection()
-            .expect("connect");
-        let _: () = ::redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("maxmemory")
-            .arg(bytes)
-            .query(&mut conn)
-            .expect("config set maxmemory");
+        config_set(url, "maxmemory", bytes);
     }
+}
+
+/// The key's usage totals for the test clock's day.
+async fn usage_today(
+    usage: &mut pb::usage_service_client::UsageServiceClient<tonic::transport::Channel>,
+    key_id: &str,
+) -> pb::UsageTotals {
+    usage
+        .get_key_usage(pb::GetKeyUsageRequest {
+            key_id: key_id.to_owned(),
+            start_date: "2026-03-02".to_owned(),
+            end_date: "2026-03-02".to_owned(),
+        })
+        .await
+        .expect("usage")
+        .into_inner()
+        .total
+        .expect("totals")
 }
 
 fn stored_names(urls: &[String], prefix: &str) -> usize {
@@ -144,16 +153,7 @@ async fn a_full_redis_still_revokes_and_adds_nothing(urls: Vec<String>, cluster:
     })
     .await
     .expect("GetKey on a full Redis");
-    let counted = usage
-        .get_key_usage(pb::GetKeyUsageRequest {
-            key_id: kept.key_id.clone(),
-            start_date: "2026-03-02".to_owned(),
-            end_date: "2026-03-02".to_owned(),
-        })
-        .await
-        .expect("GetKeyUsage on a full Redis")
-        .into_inner();
-    assert_eq!(counted.total.map(|t| t.requests), Some(1));
+    assert_eq!(usage_today(&mut usage, &kept.key_id).await.requests, 1);
     let revoked = c
         .revoke_key(pb::RevokeKeyRequest {
             key_id: leaked.key_id.clone(),
@@ -234,29 +234,10 @@ async fn a_full_redis_still_revokes_and_adds_nothing(urls: Vec<String>, cluster:
         .into_inner();
     assert_eq!(session.active_keys, 1);
     // The refused RecordOutcomes counted nothing.
-    let counted = usage
-        .get_key_usage(pb::GetKeyUsageRequest {
-            key_id: kept.key_id.clone(),
-            start_date: "2026-03-02".to_owned(),
-            end_date: "2026-03-02".to_owned(),
-        })
-        .await
-        .expect("usage")
-        .into_inner()
-        .total
-        .expect("totals");
+    let counted = usage_today(&mut usage, &kept.key_id).await;
     assert_eq!((counted.successes, counted.errors), (0, 0), "{counted:?}");
     // The revocation is in the audit log; the refused calls' entries were refused with them.
-    let events = c
-        .list_audit_events(pb::ListAuditEventsRequest {
-            session_id: id.clone(),
-            page_size: 20,
-            page_token: String::new(),
-        })
-        .await
-        .expect("audit")
-        .into_inner()
-        .events;
+    let events = audit_events(&mut c, &id).await;
     let logged: Vec<(&str, &str, &str)> = events
         .iter()
         .map(|e| (e.action.as_str(), e.result.as_str(), e.key_id.as_str()))
@@ -376,16 +357,7 @@ async fn every_nodes_eviction_policy_is_read(urls: Vec<String>, cluster: bool) {
     .expect("store");
     let policies = store.eviction_policies().await.expect("policies");
     assert_eq!(policies, vec![Some("noeviction".to_owned()); urls.len()]);
-    let mut conn = ::redis::Client::open(urls[urls.len() - 1].as_str())
-        .expect("url")
-        .get_connection()
-        .expect("connect");
-    let _: () = ::redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory-policy")
-        .arg("volatile-lru")
-        .query(&mut conn)
-        .expect("config set");
+    config_set(&urls[urls.len() - 1], "maxmemory-policy", "volatile-lru");
     let mut policies = store.eviction_policies().await.expect("policies");
     policies.sort();
     let mut expected = vec![Some("noeviction".to_owned()); urls.len() - 1];

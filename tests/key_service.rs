@@ -1053,16 +1053,7 @@ async fn calls_on_an_unknown_session_write_nothing(backend: Backend) {
     assert_eq!(server.redis_key_count(), 0, "nothing written to Redis");
     // Had anything been logged under that id, a session created with it now would show it.
     create_session(&mut c, &ghost, pb::Plan::Free, pb::Environment::Live).await;
-    let events = c
-        .list_audit_events(pb::ListAuditEventsRequest {
-            session_id: ghost.clone(),
-            page_size: 10,
-            page_token: String::new(),
-        })
-        .await
-        .expect("audit")
-        .into_inner()
-        .events;
+    let events = common::audit_events(&mut c, &ghost).await;
     let actions: Vec<&str> = events.iter().map(|e| e.action.as_str()).collect();
     assert_eq!(actions, ["CreateSession"]);
 }
@@ -1165,16 +1156,7 @@ async fn concurrent_revocations_are_each_on_record(backend: Backend) {
     };
     let (a, b) = tokio::join!(revoke(), revoke());
     assert_eq!(a, b, "both answer the key as revoked once");
-    let events = c
-        .list_audit_events(pb::ListAuditEventsRequest {
-            session_id: id.clone(),
-            page_size: 10,
-            page_token: String::new(),
-        })
-        .await
-        .expect("audit")
-        .into_inner()
-        .events;
+    let events = common::audit_events(&mut c, &id).await;
     let mut revocations: Vec<&str> = events
         .iter()
         .filter(|e| e.action == "RevokeKey")

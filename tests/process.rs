@@ -438,16 +438,7 @@ async fn a_redis_that_may_evict_is_warned_about_at_startup() {
     assert!(!logs.contains(WARNING), "{logs}");
     drop(calm);
 
-    let mut conn = ::redis::Client::open(url.as_str())
-        .expect("url")
-        .get_connection()
-        .expect("connect");
-    let _: () = ::redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory-policy")
-        .arg("allkeys-lru")
-        .query(&mut conn)
-        .expect("config set");
+    common::redis::config_set(&url, "maxmemory-policy", "allkeys-lru");
     let evicting = start(&[("REDIS_URL", url.as_str())]);
     let warning = evicting
         .logs()

@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::redis::DedicatedRedis;
+use common::redis::{DedicatedRedis, config_set};
 use common::relay::Relay;
 use common::{
     Backend, TestServer, create_key, create_session, decision, reason, try_verify, unique_prefix,
@@ -257,12 +257,8 @@ async fn a_busy_or_full_redis_is_unavailable_not_internal() {
     };
 
     // BUSY: a script that never ends, past a 50 ms busy threshold.
-    let _: () = ::redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("busy-reply-threshold")
-        .arg("50")
-        .query(&mut admin())
-        .expect("config");
+    let url = redis.server.url();
+    config_set(&url, "busy-reply-threshold", "50");
     let mut looping = admin();
     let runaway = std::thread::spawn(move || {
         ::redis::cmd("EVAL")
@@ -298,15 +294,7 @@ async fn a_busy_or_full_redis_is_unavailable_not_internal() {
     // OOM: under a memory limit below what Redis already uses, the VERIFY script's first
     // write (the window) is refused, so the call cannot be counted and fails closed; alone,
     // and inside a batch, where the script catches each verification's error on its own.
-    let set_maxmemory = |bytes: &str| {
-        let _: () = ::redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("maxmemory")
-            .arg(bytes)
-            .query(&mut admin())
-            .expect("config");
-    };
-    set_maxmemory("1");
+    config_set(&url, "maxmemory", "1");
     unavailable(try_verify(&mut c, &secret).await);
     let _: () = ::redis::cmd("CONFIG")
         .arg("RESETSTAT")
@@ -328,7 +316,7 @@ async fn a_busy_or_full_redis_is_unavailable_not_internal() {
         script_calls < 32,
         "32 verifications at once shared script calls ({script_calls})"
     );
-    set_maxmemory("0");
+    config_set(&url, "maxmemory", "0");
     assert_eq!(
         decision(&verify(&mut c, &secret).await),
         pb::Decision::Valid
@@ -464,16 +452,7 @@ async fn a_change_whose_reply_is_lost_is_still_in_the_audit_log() {
         .collect();
     assert_eq!(created.len(), 1, "the script ran: {created:?}");
     // ...and is on record, as is the failure the caller saw.
-    let events = c
-        .list_audit_events(pb::ListAuditEventsRequest {
-            session_id: id.clone(),
-            page_size: 10,
-            page_token: String::new(),
-        })
-        .await
-        .expect("audit")
-        .into_inner()
-        .events;
+    let events = common::audit_events(&mut c, &id).await;
     let logged: Vec<(&str, &str, &str)> = events
         .iter()
         .take(2)

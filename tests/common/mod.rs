@@ -419,6 +419,23 @@ pub async fn create_key(
 
 /// VerifyKey with no expected environment and the default cost, failure included: for tests
 /// that expect the call itself to fail.
+/// The session's newest audit events (up to 100), newest first.
+pub async fn audit_events(
+    client: &mut KeyServiceClient<Channel>,
+    session: &str,
+) -> Vec<pb::AuditEvent> {
+    client
+        .list_audit_events(pb::ListAuditEventsRequest {
+            session_id: session.to_owned(),
+            page_size: 100,
+            page_token: String::new(),
+        })
+        .await
+        .expect("audit")
+        .into_inner()
+        .events
+}
+
 pub async fn try_verify(
     client: &mut KeyServiceClient<Channel>,
     key: &str,

@@ -425,6 +425,20 @@ pub fn wait_cluster_ok(urls: &[String]) {
 }
 
 /// Counts keys under `prefix` on a server (SCAN, so it works on any node).
+/// `CONFIG SET parameter value` on the server at `url` (a test's own server: it changes it).
+pub fn config_set(url: &str, parameter: &str, value: &str) {
+    let mut conn = redis::Client::open(url)
+        .expect("url")
+        .get_connection()
+        .expect("connect");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(parameter)
+        .arg(value)
+        .query(&mut conn)
+        .expect("config set");
+}
+
 pub fn count_keys(url: &str, prefix: &str) -> usize {
     let client = redis::Client::open(url).expect("url");
     let mut conn = client.get_connection().expect("connect");
