@@ -906,8 +906,8 @@ async fn run(args: Args) {
     // The same ratio estimated from where the CPU went (see `estimated_ratio`): first for the
     // parts as measured, a check of the estimate against the measured ratio above; then for a
     // service that spent no more CPU per VerifyKey than per empty RPC, with Redis, the load
-    // generator and the idle share as measured. The second is the most any change to the
-    // service alone could give on this machine, as far as the estimate holds.
+    // generator and the idle share as measured: what a service whose VerifyKey cost no more
+    // than an empty RPC would get on this machine, as far as the estimate holds.
     let empty = report.parts("empty RPC (health), redis server");
     let verify = report.parts("VerifyKey VALID, redis store");
     let estimate = |f: &dyn Fn(&Parts, &Parts) -> f64| match (&empty, &verify) {
