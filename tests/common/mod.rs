@@ -417,8 +417,6 @@ pub async fn create_key(
     (response.key.expect("key in response"), response.secret)
 }
 
-/// VerifyKey with no expected environment and the default cost, failure included: for tests
-/// that expect the call itself to fail.
 /// The session's newest audit events (up to 100), newest first.
 pub async fn audit_events(
     client: &mut KeyServiceClient<Channel>,
@@ -436,6 +434,8 @@ pub async fn audit_events(
         .events
 }
 
+/// VerifyKey with no expected environment and the default cost, failure included: for tests
+/// that expect the call itself to fail.
 pub async fn try_verify(
     client: &mut KeyServiceClient<Channel>,
     key: &str,
